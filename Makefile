@@ -1,0 +1,55 @@
+# kpx — see README.md. Every target that touches the kernel must run as root.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kpx-setup
+# Debian packages the project uses at run time and in tests (bookworm names).
+APT_PACKAGES := iproute2 iptables nftables ipset conntrack etcd-server etcd-client catatonit \
+	tcpdump socat iperf3 wrk ipvsadm python3-venv python3-dev gcc procps psmisc kmod \
+	qemu-system-x86 linux-image-amd64 busybox-static xz-utils
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-unit test-netns test-vm bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "setup: installing Debian packages:" $$missing; \
+		DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	@$(BIN)/pip install -q --upgrade pip >/dev/null
+	@$(BIN)/pip install -q -e '.[dev,bench,iptables]'
+	@touch $(STAMP)
+	@echo "setup: done ($(BIN)/kpx)"
+
+demo: setup
+	$(BIN)/kpx up --demo
+
+lint: setup
+	$(BIN)/ruff check kpx controlplane netns proxy bench tests
+	$(BIN)/mypy
+
+test: setup lint test-unit test-netns test-vm
+
+test-unit: setup
+	$(BIN)/pytest -m unit tests/unit $(PYTEST_ARGS)
+
+test-netns: setup
+	@[ "$$(id -u)" = 0 ] || { echo "test-netns: run as root (sudo make test)"; exit 1; }
+	$(BIN)/pytest -m netns tests/integration $(PYTEST_ARGS)
+
+test-vm: setup
+	@[ "$$(id -u)" = 0 ] || { echo "test-vm: run as root (sudo make test)"; exit 1; }
+	@if ls tests/vm/test_*.py >/dev/null 2>&1; then $(BIN)/pytest -m vm tests/vm $(PYTEST_ARGS); \
+	else echo "test-vm: no VM tests yet"; fi
+
+bench: setup
+	$(BIN)/kpx bench --out bench/results
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Benchmarks of the proxy modes and the control plane, and their report."""

@@ -1,0 +1,1 @@
+"""Control plane: a watchable Kubernetes-compatible apiserver (store, REST, controllers)."""

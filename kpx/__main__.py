@@ -1,0 +1,5 @@
+import sys
+
+from kpx.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""Pods as pause-style netns sandboxes, nodes as netns, the node agent and the lab."""

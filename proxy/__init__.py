@@ -1,0 +1,1 @@
+"""kube-proxy: informers, change tracking, the shared model, one module per mode."""
