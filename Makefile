@@ -39,9 +39,9 @@ test: setup lint test-unit test-netns test-vm
 test-unit: setup
 	$(BIN)/pytest -m unit tests/unit $(PYTEST_ARGS)
 
-test-netns: setup
+test-netns: setup  # root-only tests and tests needing services (etcd) live in tests/integration
 	@[ "$$(id -u)" = 0 ] || { echo "test-netns: run as root (sudo make test)"; exit 1; }
-	$(BIN)/pytest -m netns tests/integration $(PYTEST_ARGS)
+	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 test-vm: setup
 	@[ "$$(id -u)" = 0 ] || { echo "test-vm: run as root (sudo make test)"; exit 1; }
