@@ -43,10 +43,9 @@ test-netns: setup  # root-only tests and tests needing services (etcd) live in t
 	@[ "$$(id -u)" = 0 ] || { echo "test-netns: run as root (sudo make test)"; exit 1; }
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
-test-vm: setup
+test-vm: setup  # boots Debian's kernel in qemu ONCE and runs the whole vm tier inside it
 	@[ "$$(id -u)" = 0 ] || { echo "test-vm: run as root (sudo make test)"; exit 1; }
-	@if ls tests/vm/test_*.py >/dev/null 2>&1; then $(BIN)/pytest -m vm tests/vm $(PYTEST_ARGS); \
-	else echo "test-vm: no VM tests yet"; fi
+	$(BIN)/python -m kpx.vm -- env PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/pytest -p no:cacheprovider -m vm tests/vm $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/kpx bench --out bench/results

@@ -21,6 +21,7 @@ COMPONENT_CLIS = (
     "proxy.cli",  # proxy
     "proxy.trace_cli",  # trace
     "bench.cli",  # bench
+    "kpx.vm",  # vm
 )
 
 
