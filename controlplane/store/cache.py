@@ -100,6 +100,13 @@ class Watcher:
     def close(self) -> None:
         self._close("closed")
 
+    @property
+    def progress_revision(self) -> int:
+        """Newest revision this watcher has seen everything up to (for BOOKMARK events)."""
+        if self._live and not self._queue and self.closed_reason is None:
+            return max(self.last_revision, self._cache.revision)
+        return self.last_revision
+
     def __aiter__(self) -> AsyncIterator[CacheEvent]:
         return self
 
