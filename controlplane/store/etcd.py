@@ -67,6 +67,7 @@ class EtcdStore:
         endpoints: str | Sequence[str] = "http://127.0.0.1:2379",
         *,
         request_timeout: float = 10.0,
+        retry_seconds: float = 5.0,
         auto_compact: bool = True,
         compact_period: float = 60.0,
         retain_revisions: int = 1000,
@@ -78,6 +79,7 @@ class EtcdStore:
             raise ValueError("no etcd endpoints")
         self._ep = 0
         self._timeout = aiohttp.ClientTimeout(total=request_timeout)
+        self._retry_seconds = retry_seconds
         self._session: aiohttp.ClientSession | None = None
         self._compacted = 0
         self._closed = False
@@ -111,7 +113,12 @@ class EtcdStore:
             raise StoreError("etcd store is not started")
         data = orjson.dumps(body)
         last_err: Exception | None = None
-        for _ in range(len(self.endpoints)):
+        # Retry connection failures for a few seconds: a restarted etcd leaves stale pooled
+        # connections behind, and a restarting one refuses connections for a moment.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._retry_seconds
+        delay = 0.02
+        while True:
             url = self.endpoints[self._ep] + path
             try:
                 async with self._session.post(
@@ -125,7 +132,10 @@ class EtcdStore:
             except (TimeoutError, aiohttp.ClientConnectionError) as e:
                 last_err = e
                 self._ep = (self._ep + 1) % len(self.endpoints)
-        raise StoreError(f"etcd unreachable at {', '.join(self.endpoints)}: {last_err}")
+            if loop.time() + delay > deadline:
+                raise StoreError(f"etcd unreachable at {', '.join(self.endpoints)}: {last_err}")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
     def _raise(self, out: dict[str, Any], status: int) -> None:
         msg = str(out.get("message") or out.get("error") or f"HTTP {status}")
