@@ -137,7 +137,9 @@ def categorize_endpoints(svc: ServicePort, eps: Iterable[Endpoint], node_name: s
     policy does the same over this node's endpoints only (the fallback is per node).
     """
     eps = tuple(eps)
-    need_cluster = not svc.internal_policy_local or (svc.has_external and not svc.external_policy_local)
+    # Upstream's UsesClusterEndpoints: an externally reachable port always needs the Cluster set,
+    # because pod and host traffic to its external IPs short-circuits to KUBE-SVC even with ETP=Local.
+    need_cluster = not svc.internal_policy_local or svc.has_external
     need_local = svc.internal_policy_local or (svc.has_external and svc.external_policy_local)
     cluster = _usable(eps) if need_cluster else ()
     local = _usable(e for e in eps if e.node_name == node_name) if need_local else ()
@@ -155,11 +157,11 @@ def port_proto_hash(spn: ServicePortName, protocol: str | None = None) -> str:
     """Upstream's portProtoHash: base32(sha256(str(spn) + lower(proto)))[:16]."""
     proto = (protocol or spn.protocol).lower()
     digest = hashlib.sha256((str(spn) + proto).encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    return base64.b32encode(digest[:10]).decode()  # 10 bytes = exactly 16 base32 chars
 
 
 def endpoint_hash(spn: ServicePortName, ep_addr: str, protocol: str | None = None) -> str:
     """Upstream's servicePortEndpointChainName hash: base32(sha256(spn + proto + ip:port))[:16]."""
     proto = (protocol or spn.protocol).lower()
     digest = hashlib.sha256((str(spn) + proto + ep_addr).encode()).digest()
-    return base64.b32encode(digest).decode()[:16]
+    return base64.b32encode(digest[:10]).decode()  # 10 bytes = exactly 16 base32 chars
