@@ -143,19 +143,32 @@ def _two_services(web_eps: tuple[Endpoint, ...]) -> list[tuple[ServicePort, tupl
     return [(svc(S4, "10.96.0.40"), (ep("10.244.1.2"),)), (svc(WEB, "10.96.0.50", node_port=30080), web_eps)]
 
 
-def case_partial_sync() -> Plan[IptablesPrior]:
-    """Only the changed Service's chains are written; KUBE-SERVICES/NODEPORTS are whole."""
+def partial_sync_steps() -> tuple[Plan[IptablesPrior], Plan[IptablesPrior]]:
     r = IptablesRenderer(CFG)
     first = r.render(state(_two_services((ep("10.244.1.3"),))), None)
-    return r.render(state(_two_services((ep("10.244.1.3"), ep("10.244.2.3", "node2"))), changed=frozenset({WEB})), first.prior)
+    nxt = state(_two_services((ep("10.244.1.3"), ep("10.244.2.3", "node2"))), changed=frozenset({WEB}))
+    return first, r.render(nxt, first.prior)
+
+
+def stale_chain_steps() -> tuple[Plan[IptablesPrior], Plan[IptablesPrior]]:
+    r = IptablesRenderer(CFG)
+    first = r.render(state(_two_services((ep("10.244.1.3"), ep("10.244.2.3", "node2")))), None)
+    nxt = state([(svc(WEB, "10.96.0.50", node_port=30080), (ep("10.244.1.3"),))], changed=frozenset({WEB, S4}))
+    return first, r.render(nxt, first.prior)
+
+
+# partial cases: the full plan that must be in the kernel before the partial one applies
+SETUP = {"partial_sync": partial_sync_steps, "stale_chains": stale_chain_steps}
+
+
+def case_partial_sync() -> Plan[IptablesPrior]:
+    """Only the changed Service's chains are written; KUBE-SERVICES/NODEPORTS are whole."""
+    return partial_sync_steps()[1]
 
 
 def case_stale_chains() -> Plan[IptablesPrior]:
     """An endpoint goes away (its KUBE-SEP is deleted) and a Service is deleted (all its chains)."""
-    r = IptablesRenderer(CFG)
-    first = r.render(state(_two_services((ep("10.244.1.3"), ep("10.244.2.3", "node2")))), None)
-    nxt = state([(svc(WEB, "10.96.0.50", node_port=30080), (ep("10.244.1.3"),))], changed=frozenset({WEB, S4}))
-    return r.render(nxt, first.prior)
+    return stale_chain_steps()[1]
 
 
 CASES: dict[str, Callable[[], Plan[IptablesPrior]]] = {
