@@ -1,0 +1,226 @@
+"""Kernel primitives for the lab: named network namespaces, `ip -batch`, sysctls inside a netns,
+and process identity checks (so cleanup only ever kills what it started).
+
+Named netns live under /run/netns like `ip netns add` makes them, so `ip netns exec`, `ip -n`
+and `nsenter --net=/run/netns/NAME` all work on them. Nothing here touches the root netns
+unless the caller names a link in it explicitly (the lab's one host veth).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import json
+import os
+import subprocess
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+NETNS_RUN_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+MNT_DETACH = 2
+
+T = TypeVar("T")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+class NsError(RuntimeError):
+    """A kernel/iproute2 operation failed; carries the command and its stderr."""
+
+
+def netns_path(name: str) -> str:
+    return os.path.join(NETNS_RUN_DIR, name)
+
+
+def list_netns() -> list[str]:
+    try:
+        return sorted(os.listdir(NETNS_RUN_DIR))
+    except FileNotFoundError:
+        return []
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(netns_path(name))
+
+
+def run(
+    argv: Sequence[str], *, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    """Run a command, capture output; raise NsError with stderr on failure when check."""
+    p = subprocess.run(list(argv), input=input, capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise NsError(
+            f"{' '.join(argv[:6])}{' ...' if len(argv) > 6 else ''}: {p.stderr.strip() or p.stdout.strip()}"
+        )
+    return p
+
+
+def ip_batch(lines: Iterable[str], netns: str | None = None, *, force: bool = False) -> None:
+    """Run many `ip` commands in one process: `ip [-n NETNS] [-force] -batch -`.
+
+    Without force the batch stops at the first failing line and NsError names it; with force
+    every line is tried (teardown) and failures are ignored.
+    """
+    text = "".join(line.rstrip("\n") + "\n" for line in lines)
+    if not text:
+        return
+    argv = ["ip"]
+    if netns:
+        argv += ["-n", netns]
+    if force:
+        argv.append("-force")
+    argv += ["-batch", "-"]
+    run(argv, input=text, check=not force)
+
+
+def ip_json(args: Sequence[str], netns: str | None = None) -> list[dict[str, Any]]:
+    """`ip -j [-n NETNS] ARGS` parsed; [] when it prints nothing."""
+    argv = ["ip", "-j"] + (["-n", netns] if netns else []) + list(args)
+    out = run(argv).stdout.strip()
+    return json.loads(out) if out else []
+
+
+def netns_add(names: Iterable[str]) -> None:
+    """Create named netns (fails if one exists: names are exact, never reused silently)."""
+    ip_batch(f"netns add {n}" for n in names)
+
+
+def netns_delete(name: str) -> bool:
+    """Delete a named netns like `ip netns del` (detach the bind mount, remove the file).
+
+    Idempotent: returns False when it did not exist. The kernel frees the namespace (and the
+    veths inside it) once the last process in it has gone.
+    """
+    path = netns_path(name)
+    if not os.path.lexists(path):
+        return False
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        e = ctypes.get_errno()
+        if e not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not a mount point (half made)
+            raise NsError(f"umount {path}: {os.strerror(e)}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    return True
+
+
+def netns_inode(name: str) -> int | None:
+    try:
+        return os.stat(netns_path(name)).st_ino
+    except OSError:
+        return None
+
+
+def _setns(fd: int, nstype: int) -> None:
+    if _libc.setns(fd, nstype) != 0:
+        e = ctypes.get_errno()
+        raise NsError(f"setns: {os.strerror(e)}")
+
+
+def in_netns(name: str, fn: Callable[[], T]) -> T:
+    """Call fn() in a thread that has joined netns `name`; the caller's thread never moves.
+
+    setns(CLONE_NEWNET) is per thread, and the helper thread exits afterwards, so even an
+    exception cannot leave any thread of this process in the wrong namespace.
+    """
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            error.append(NsError(f"netns {name} does not exist"))
+            return
+        try:
+            _setns(fd, CLONE_NEWNET)
+            result.append(fn())
+        except BaseException as e:  # re-raised in the caller
+            error.append(e)
+        finally:
+            os.close(fd)
+
+    t = threading.Thread(target=body, name=f"netns-{name}")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return result[0]
+
+
+def set_sysctls(netns: str, values: dict[str, str]) -> None:
+    """Write net.* sysctls inside netns (keys in dotted form). /proc/sys/net follows the
+    writing thread's netns, so no `ip netns exec sysctl` process is needed."""
+
+    def write() -> None:
+        for key, value in values.items():
+            with open("/proc/sys/" + key.replace(".", "/"), "w") as f:
+                f.write(value)
+
+    in_netns(netns, write)
+
+
+def get_sysctl(netns: str, key: str) -> str:
+    def read() -> str:
+        with open("/proc/sys/" + key.replace(".", "/")) as f:
+            return f.read().strip()
+
+    return in_netns(netns, read)
+
+
+def netns_argv(netns: str, argv: Sequence[str]) -> list[str]:
+    """argv that runs `argv` inside a named netns (nsenter: no mount-ns games, one exec)."""
+    return ["nsenter", f"--net={netns_path(netns)}", "--", *argv]
+
+
+# --- process identity -----------------------------------------------------------------------
+
+
+def proc_starttime(pid: int) -> int | None:
+    """Start time of pid in clock ticks since boot (field 22 of /proc/PID/stat), None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    # comm may contain spaces and parens: split after the last ')'.
+    fields = data[data.rfind(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def proc_is(pid: int, starttime: int) -> bool:
+    """True if pid is still the very process we recorded (same start time: not a reused PID)."""
+    st = proc_starttime(pid)
+    return st is not None and st == starttime
+
+
+def pids_in_netns(inodes: set[int]) -> dict[int, list[int]]:
+    """Map netns inode -> pids whose network namespace is that inode (like `ip netns pids`)."""
+    found: dict[int, list[int]] = {}
+    if not inodes:
+        return found
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            ino = os.stat(f"/proc/{entry}/ns/net").st_ino
+        except OSError:
+            continue
+        if ino in inodes:
+            found.setdefault(ino, []).append(int(entry))
+    return found
+
+
+def kill_pid(pid: int, starttime: int | None, sig: int) -> bool:
+    """Send sig to pid only if it still is the process we started (start time matches)."""
+    if starttime is not None and not proc_is(pid, starttime):
+        return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
