@@ -284,3 +284,25 @@ async def test_etcd_watch_and_writes_survive_etcd_restart(etcd_server: EtcdServe
         await it.aclose()  # type: ignore[attr-defined]
     finally:
         await s.close()
+
+
+@async_test
+async def test_periodic_compaction_keeps_the_newest_revisions(store_backend: StoreBackend) -> None:
+    s = await store_backend.open(auto_compact=True, compact_period=0.05, retain_revisions=5, retain_seconds=0.2)
+    p = store_backend.prefix
+    try:
+        kv = await s.create(p + "ns/a", b"0")
+        for i in range(30):
+            kv = await s.update(p + "ns/a", str(i).encode(), kv.mod_revision)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while await s.compacted_revision() < kv.mod_revision - 5 and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        compacted = await s.compacted_revision()
+        assert compacted == kv.mod_revision - 5  # idle store: everything but the newest 5 revisions
+        with pytest.raises(Compacted):
+            await s.list(p, revision=compacted - 1)
+        old, _, _ = await s.list(p, revision=compacted)
+        assert old[0].value == b"24"
+    finally:
+        await s.close()
