@@ -1,0 +1,182 @@
+"""Pod sandboxes on the real kernel: shared namespaces, restart, pod-to-pod traffic, teardown."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from netns import ns
+from netns.images import UnknownImage, image_argv
+from netns.lab import Lab
+from netns.sandbox import Sandbox, SandboxError, destroy_many
+from tests.integration.lab_fixtures import unique_pod
+from tests.integration.netprobe import parse, probe
+
+pytestmark = pytest.mark.netns
+
+
+def _run(sb: Sandbox, argv: list[str]) -> str:
+    p = subprocess.run(sb.enter_argv(argv), capture_output=True, text=True, timeout=15)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
+def test_containers_share_ip_hostname_and_localhost(lab: Lab) -> None:
+    name = unique_pod("two")
+    ip = lab.add_pod(1, "default", name)  # container "main": kpx/echo on 8080
+    sb = lab.pod("default", name)
+    try:
+        assert (
+            sb.ip == ip
+            and ip in ns.ip_json(["-4", "addr", "show", "eth0"], sb.netns)[0]["addr_info"][0]["local"]
+        )
+        side = subprocess.Popen(sb.enter_argv(["sleep", "30"]))
+        try:
+            # a second container sees the same hostname, the same eth0 IP, and reaches main on localhost
+            assert _run(sb, ["hostname"]) == name
+            assert f"inet {ip}/24" in _run(sb, ["ip", "-4", "-o", "addr", "show", "eth0"])
+            line = parse(probe(sb.enter_argv([]), "tcp", "127.0.0.1"))
+            assert line["pod"] == name and line["ip"] == ip and line["client"].startswith("127.0.0.1:")
+            for pid in (sb.holder_pid, sb.container_pid("main"), side.pid):
+                assert os.readlink(f"/proc/{pid}/ns/net") == os.readlink(f"/proc/{sb.holder_pid}/ns/net")
+                assert os.readlink(f"/proc/{pid}/ns/uts") == os.readlink(f"/proc/{sb.holder_pid}/ns/uts")
+                assert os.readlink(f"/proc/{pid}/ns/ipc") == os.readlink(f"/proc/{sb.holder_pid}/ns/ipc")
+            assert os.readlink(f"/proc/{sb.holder_pid}/ns/net") != os.readlink("/proc/self/ns/net")
+            # `ip netns exec` works on the bind mount
+            assert ip in ns.run(["ip", "netns", "exec", sb.netns, "ip", "-4", "-o", "addr"]).stdout
+        finally:
+            side.kill()
+            side.wait()
+    finally:
+        lab.delete_pod("default", name)
+
+
+def test_container_restart_keeps_sandbox_and_ip(lab: Lab) -> None:
+    name = unique_pod("rs")
+    ip = lab.add_pod(2, "default", name)
+    sb = lab.pod("default", name)
+    try:
+        first = sb.container_pid("main")
+        assert first is not None
+        sb.stop_container("main", grace=1)
+        assert ns.proc_starttime(first) is None, "the old container process is gone (and reaped)"
+        assert sb.alive(), "the sandbox outlives its containers"
+        sb.start_container("main", image_argv("kpx/echo"))
+        sb.wait_listening(8080)
+        assert sb.container_pid("main") != first
+        again = Sandbox.load(lab, "default", name)
+        assert again.ip == ip and again.container_pid("main") == sb.container_pid("main")
+        client = lab.pod("default", name)
+        assert parse(probe(client.enter_argv([]), "udp", ip))["ip"] == ip
+    finally:
+        sb.destroy()
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_pod_to_pod_same_node_and_across_nodes(lab: Lab, proto: str) -> None:
+    a, b, c = unique_pod("a"), unique_pod("b"), unique_pod("c")
+    ip_a = lab.add_pod(1, "default", a)
+    ip_b = lab.add_pod(1, "default", b)
+    ip_c = lab.add_pod(2, "default", c)
+    try:
+        client = lab.pod("default", a)
+        same = parse(probe(client.enter_argv([]), proto, ip_b))
+        assert (
+            same == {"pod": b, "ip": ip_b, "client": same["client"]} and same["client"].split(":")[0] == ip_a
+        )
+        cross = parse(probe(client.enter_argv([]), proto, ip_c))
+        assert cross["pod"] == c and cross["client"].split(":")[0] == ip_a  # host-gw: no NAT on the way
+        # the ext client reaches no pod (no route to pod CIDRs): only node IPs are outside-visible
+        p = subprocess.run(
+            ["nsenter", f"--net=/run/netns/{lab.ext_netns}", "--", sys.executable, "-I", "-c",
+             f"import socket; socket.create_connection(('{ip_c}', 8080), timeout=1)"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+        assert p.returncode != 0
+    finally:
+        for n in (a, b, c):
+            lab.delete_pod("default", n)
+
+
+def test_destroy_removes_netns_veth_and_lease(lab: Lab) -> None:
+    name = unique_pod("d")
+    ip = lab.add_pod(1, "default", name)
+    sb = lab.pod("default", name)
+    node = lab.node(1)
+    ipam = lab.ipam(1)
+    assert ipam.leases()[ip] == f"default/{name}"
+    assert sb.veth_host in {lk["ifname"] for lk in ns.ip_json(["link", "show"], node.netns)}
+    holder, main = sb.holder_pid, sb.container_pid("main")
+    sb.destroy()
+    assert not ns.netns_exists(sb.netns)
+    assert sb.veth_host not in {lk["ifname"] for lk in ns.ip_json(["link", "show"], node.netns)}
+    assert ip not in ipam.leases()
+    assert not Sandbox.record_path(lab.state_dir, sb.netns).exists()
+    for pid in (holder, main):
+        assert pid is not None
+        assert (
+            ns.proc_starttime(pid) is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+        )
+    sb.destroy()  # idempotent
+
+
+def test_holder_is_tiny_and_adoptable(lab: Lab) -> None:
+    names = [unique_pod("h") for _ in range(3)]
+    sbs = [Sandbox.create(lab, 2, "default", n) for n in names]
+    try:
+        for sb in sbs:
+            rss_kib = int(next(ln for ln in Path(f"/proc/{sb.holder_pid}/status").read_text().splitlines()
+                               if ln.startswith("VmRSS:")).split()[1])  # fmt: skip
+            assert rss_kib <= 2048
+            assert Path(f"/proc/{sb.holder_pid}/comm").read_text().strip() == "kpx-holder"
+        # a restarted agent finds them again from disk, alive
+        adopted = {sb.pod: sb for sb in Sandbox.list(lab, "node2") if sb.pod in names}
+        assert set(adopted) == set(names) and all(sb.alive() for sb in adopted.values())
+        assert {sb.ip for sb in adopted.values()} == {sb.ip for sb in sbs}
+    finally:
+        destroy_many(sbs)
+    assert not [sb for sb in Sandbox.list(lab, "node2") if sb.pod in names]
+    assert not [n for n in names if ns.netns_exists(lab.pod_netns("default", n))]
+
+
+def test_duplicate_sandbox_and_unknown_image(lab: Lab) -> None:
+    name = unique_pod("dup")
+    sb = Sandbox.create(lab, 1, "default", name)
+    try:
+        with pytest.raises(SandboxError, match="already exists"):
+            Sandbox.create(lab, 1, "default", name)
+        assert sb.alive()
+    finally:
+        sb.destroy()
+    with pytest.raises(UnknownImage, match="not built in"):
+        lab.add_pod(1, "default", unique_pod("img"), image="nginx:1.25")
+    assert image_argv("docker.io/kpx/http:latest")[-1].endswith("http_server.py")
+
+
+def test_http_image_answers(lab: Lab) -> None:
+    name = unique_pod("web")
+    ip = lab.add_pod(2, "default", name, image="kpx/http", args=["--port", "8081"])
+    client = unique_pod("cl")
+    lab.add_pod(1, "default", client)
+    try:
+        code = (
+            "import http.client,sys\n"
+            "c=http.client.HTTPConnection(sys.argv[1],8081,timeout=3)\n"
+            "for _ in range(2):\n"
+            "    c.request('GET','/x'); r=c.getresponse(); print(r.status, r.read().decode().strip())\n"
+        )
+        out = _run(lab.pod("default", client), [sys.executable, "-I", "-c", code, ip]).splitlines()
+        c_ip = lab.pod("default", client).ip
+        assert len(out) == 2  # two requests on one keep-alive connection
+        for line in out:
+            status, rest = line.split(" ", 1)
+            assert status == "200"
+            got = parse(rest)
+            assert got["pod"] == name and got["ip"] == ip and got["client"].split(":")[0] == c_ip
+    finally:
+        lab.delete_pod("default", name)
+        lab.delete_pod("default", client)
