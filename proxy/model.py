@@ -42,6 +42,7 @@ class ServicePort:
     cluster_ip: str | None  # None for headless (which the tracker drops before a mode sees it)
     port: int
     protocol: str = TCP
+    service_type: str = "ClusterIP"  # ClusterIP | NodePort | LoadBalancer (ExternalName never gets here)
     node_port: int = 0  # 0: none
     external_ips: tuple[str, ...] = ()
     load_balancer_ips: tuple[str, ...] = ()  # status.loadBalancer.ingress[].ip (ipMode VIP only)
@@ -90,6 +91,7 @@ class ProxyConfig:
     masquerade_bit: int = 14
     nodeport_addresses: tuple[str, ...] = ()  # CIDRs; empty = all local addresses
     tcp_be_liberal: bool = False  # when set, no INVALID-drop rule
+    localhost_nodeports: bool = True  # v1alpha1 iptables.localhostNodePorts (route_localnet)
 
     @property
     def masq_mark(self) -> str:
@@ -105,6 +107,7 @@ class ProxyState:
     services: Mapping[ServicePortName, ServicePort] = field(default_factory=dict)
     endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]] = field(default_factory=dict)
     changed: frozenset[ServicePortName] | None = None
+    node_labels: Mapping[str, str] = field(default_factory=dict)  # this node's labels (topology)
 
     @property
     def full(self) -> bool:
@@ -118,7 +121,9 @@ class CategorizedEndpoints:
     cluster: tuple[Endpoint, ...]  # used for Cluster traffic policy
     local: tuple[Endpoint, ...]  # used for Local traffic policy (on this node)
     all_reachable: tuple[Endpoint, ...]  # union of the above that this node may pick
-    has_any: bool  # any endpoint at all (even not serving): REJECT vs DROP semantics
+    # upstream's hasAnyEndpoints: a usable (ready, or serving+terminating) endpoint anywhere in
+    # the cluster. False -> REJECT ("has no endpoints"); True but no local -> DROP for Local policy.
+    has_any: bool
 
 
 def _usable(eps: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
@@ -150,7 +155,8 @@ def categorize_endpoints(svc: ServicePort, eps: Iterable[Endpoint], node_name: s
     else:
         seen = {e.addr for e in cluster}
         reachable = cluster + tuple(e for e in local if e.addr not in seen)
-    return CategorizedEndpoints(cluster=cluster, local=local, all_reachable=reachable, has_any=bool(eps))
+    has_any = bool(cluster) or any(e.ready or (e.serving and e.terminating) for e in eps)
+    return CategorizedEndpoints(cluster=cluster, local=local, all_reachable=reachable, has_any=has_any)
 
 
 def port_proto_hash(spn: ServicePortName, protocol: str | None = None) -> str:

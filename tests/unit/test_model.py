@@ -39,7 +39,9 @@ def test_terminating_fallback_only_when_no_ready():
     assert categorize_endpoints(_svc(), [ready, term, gone], "n1").cluster == (ready,)
     assert categorize_endpoints(_svc(), [term, gone], "n1").cluster == (term,)
     c = categorize_endpoints(_svc(), [gone], "n1")
-    assert c.cluster == () and c.has_any
+    # upstream's hasAnyEndpoints counts only usable endpoints: a non-serving one means REJECT
+    assert c.cluster == () and not c.has_any
+    assert categorize_endpoints(_svc(internal_policy_local=True), [term], "n2").has_any
 
 
 def test_local_policy_uses_only_this_nodes_endpoints():
