@@ -161,3 +161,14 @@ def expired_rv(requested: int, oldest: int) -> ApiError:
 def cause(field: str, message: str, ctype: str = "FieldValueInvalid") -> dict[str, str]:
     """A StatusCause (its type travels under the JSON key `reason`, as in metav1.StatusCause)."""
     return {"reason": ctype, "message": message, "field": field}
+
+
+def invalid_list_options(field: str, message: str) -> ApiError:
+    """422 on kind ListOptions (apimachinery ValidateListOptions)."""
+    return invalid("ListOptions", "", [cause(field, f"Forbidden: {message}", "FieldValueForbidden")], "meta.k8s.io")
+
+
+def invalid_param(field: str, value: str, message: str) -> ApiError:
+    return invalid(
+        "ListOptions", "", [cause(field, f'Invalid value: "{value}": {message}')], "meta.k8s.io"
+    )

@@ -1,0 +1,191 @@
+"""Glue between the registry and the per-kind object semantics (H2b's pure modules).
+
+One place maps the registry's pipeline steps onto defaults / validation / alloc / patch /
+fieldvalidation, so the registry itself stays kind-agnostic. Modules are imported lazily and a
+missing optional hook degrades to "no extra rule" rather than failing the write.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any
+
+from controlplane import alloc, errors
+from controlplane.errors import ApiError
+from controlplane.resources import Resource
+
+
+def _mod(name: str) -> Any:
+    try:
+        return importlib.import_module(f"controlplane.{name}")
+    except ModuleNotFoundError as e:
+        if e.name != f"controlplane.{name}":
+            raise
+        return None
+
+
+def _causes(errs: list[Any]) -> list[dict[str, str]]:
+    return [e.cause() if hasattr(e, "cause") else dict(e) for e in errs]
+
+
+def _qualified_kind(res: Resource) -> tuple[str, str]:
+    return res.kind, res.group
+
+
+class Semantics:
+    def __init__(self, service_cidr: str, node_port_range: str) -> None:
+        self.ips = alloc.ClusterIPAllocator(service_cidr)
+        self.ports = alloc.NodePortAllocator(node_port_range)
+        self.ip_family = self.ips.family
+
+    # ---- allocation
+
+    def rebuild_allocations(self, services: list[dict[str, Any]]) -> list[str]:
+        return alloc.rebuild(self.ips, self.ports, services)
+
+    def allocate(
+        self, res: Resource, old: dict[str, Any] | None, new: dict[str, Any], *, dry_run: bool
+    ) -> alloc.ServiceTxn | None:
+        if res.kind != "Service" or res.group:
+            return None
+        try:
+            return alloc.allocate_service(old, new, self.ips, self.ports, dry_run=dry_run)
+        except alloc.AllocationFailed as e:
+            if e.internal:
+                raise errors.internal(e.message) from None
+            name = (new.get("metadata") or {}).get("name", "")
+            raise errors.invalid("Service", name, _causes(e.errors)) from None
+
+    def release(self, res: Resource, obj: dict[str, Any]) -> None:
+        if res.kind == "Service" and not res.group:
+            alloc.release_service(obj, self.ips, self.ports)
+
+    def observe_service(self, typ: str, obj: dict[str, Any] | None, prev: dict[str, Any] | None) -> None:
+        """Keep allocations in step with Services written by other apiservers on the same store."""
+        if typ == "DELETE" and prev is not None:
+            alloc.release_service(prev, self.ips, self.ports)
+        elif obj is not None:
+            alloc.rebuild(self.ips, self.ports, [obj])
+
+    # ---- defaulting / validation
+
+    def prepare_create(self, res: Resource, obj: dict[str, Any]) -> None:
+        pass
+
+    def prepare_update(self, res: Resource, old: dict[str, Any], new: dict[str, Any]) -> None:
+        if res.kind == "Service" and not res.group:
+            alloc.prepare_service_update(old, new)
+
+    def default(self, res: Resource, obj: dict[str, Any], *, create: bool = True) -> None:
+        d = _mod("defaults")
+        if d is not None:
+            d.apply_defaults(res.kind, obj, create=create, ip_family=self.ip_family)
+
+    def validate_create(self, res: Resource, obj: dict[str, Any]) -> None:
+        v = _mod("validation")
+        if v is None or not hasattr(v, "validate_create"):
+            return
+        errs = v.validate_create(res.kind, obj)
+        if errs:
+            name = (obj.get("metadata") or {}).get("name", "")
+            raise errors.invalid(res.kind, name, _causes(errs), res.group)
+
+    def validate_update(self, res: Resource, new: dict[str, Any], old: dict[str, Any], subresource: str) -> None:
+        v = _mod("validation")
+        if v is None or not hasattr(v, "validate_update"):
+            return
+        if subresource == "binding":
+            return
+        try:
+            errs = v.validate_update(res.kind, new, old, subresource=subresource)
+        except TypeError:
+            errs = v.validate_update(res.kind, new, old)
+        if errs:
+            name = (new.get("metadata") or {}).get("name", "")
+            raise errors.invalid(res.kind, name, _causes(errs), res.group)
+
+    # ---- managed fields
+
+    def managed_fields_update(
+        self,
+        res: Resource,
+        old: dict[str, Any] | None,
+        new: dict[str, Any],
+        manager: str,
+        operation: str,
+        subresource: str = "",
+    ) -> None:
+        p = _mod("patch")
+        if p is None or not hasattr(p, "update_managed_fields"):
+            return
+        p.update_managed_fields(old, new, manager or "unknown", operation, res.api_version, subresource)
+
+    # ---- patches
+
+    def apply_patch(
+        self, res: Resource, current: dict[str, Any], patch_type: str, body: Any, opts: Any, subresource: str
+    ) -> dict[str, Any]:
+        p = _mod("patch")
+        cur = copy.deepcopy(current)
+        try:
+            if patch_type == "json":
+                return p.json_patch(cur, body)
+            if patch_type == "merge":
+                return p.merge_patch(cur, body)
+            if patch_type == "strategic":
+                return p.strategic_merge_patch(cur, body, res.kind)
+            if patch_type == "apply":
+                return p.server_side_apply(
+                    cur, body, res.kind, manager=opts.field_manager, force=opts.force, api_version=res.api_version,
+                    subresource=subresource,
+                )
+        except ApiError:
+            raise
+        except getattr(p, "PatchError", ValueError) as e:
+            raise _patch_error(e) from None
+        raise errors.unsupported_media_type(patch_type, list(_PATCH_CT))
+
+    def apply_create(self, res: Resource, body: Any, manager: str) -> dict[str, Any]:
+        p = _mod("patch")
+        if not isinstance(body, dict):
+            raise errors.bad_request("the apply patch must be an object")
+        try:
+            return p.server_side_apply(None, body, res.kind, manager=manager, force=False,
+                                       api_version=res.api_version, subresource="")
+        except ApiError:
+            raise
+        except getattr(p, "PatchError", ValueError) as e:
+            raise _patch_error(e) from None
+
+
+_PATCH_CT = (
+    "application/json-patch+json",
+    "application/merge-patch+json",
+    "application/strategic-merge-patch+json",
+    "application/apply-patch+yaml",
+)
+
+
+def _patch_error(e: Exception) -> ApiError:
+    code = getattr(e, "code", 422)
+    reason = getattr(e, "reason", "Invalid" if code == 422 else "BadRequest")
+    details = getattr(e, "details", None)
+    return ApiError(code, reason, str(e), details=details)
+
+
+def check_unknown_fields(res: Resource, obj: Any, raw: bytes, opts: Any, *, patch_type: str = "") -> None:
+    """fieldValidation: Strict -> 400 on unknown/duplicate fields, Warn -> Warning headers, Ignore -> nothing."""
+    mode = opts.field_validation
+    if mode == "Ignore":
+        return
+    fv = _mod("fieldvalidation")
+    if fv is None or not hasattr(fv, "check"):
+        return
+    problems = fv.check(res.kind, obj, raw=raw, patch_type=patch_type, api_version=res.api_version)
+    if not problems:
+        return
+    if mode == "Strict":
+        msgs = [str(p) for p in problems]
+        raise errors.bad_request("strict decoding error: " + ", ".join(msgs))
+    opts.warnings.extend(str(p) for p in problems)
