@@ -146,6 +146,7 @@ class NodeIpamController(Controller[str]):
         self.nodes.add_handler(self._node_event, lambda o, n: self._node_event(n), self._node_deleted,
                                origin=self.name)
         self.ready = False
+        self.waiting: set[str] = set()  # nodes the range had no block for
 
     def _node_event(self, node: Obj) -> None:
         name = meta(node).get("name") or ""
@@ -157,7 +158,11 @@ class NodeIpamController(Controller[str]):
             self.queue.add(name)
 
     def _node_deleted(self, node: Obj) -> None:
-        self.alloc.release_node(meta(node).get("name") or "", node_pod_cidrs(node))
+        name = meta(node).get("name") or ""
+        self.waiting.discard(name)
+        self.alloc.release_node(name, node_pod_cidrs(node))
+        for n in self.waiting:  # a block came free
+            self.queue.add(n)
 
     async def prepare(self) -> None:
         # Rebuild from every Node's existing assignment before handing out anything new.
@@ -174,13 +179,16 @@ class NodeIpamController(Controller[str]):
     async def sync(self, name: str) -> None:
         node = await self.registry.get("nodes", None, name)  # live: never allocate twice
         if node is None:
+            self.waiting.discard(name)
             return
         have = node_pod_cidrs(node)
         if have:
+            self.waiting.discard(name)
             self.alloc.occupy_node(name, have)
             return
         cidrs = self.alloc.allocate_node(name)
         if cidrs is None:
+            self.waiting.add(name)
             self.log.warning("component=controllers controller=%s node=%s no pod CIDR left", self.name, name)
             self.queue.add_after(name, 30.0)
             return
@@ -193,4 +201,5 @@ class NodeIpamController(Controller[str]):
             if is_not_found(e):
                 return
             raise
+        self.waiting.discard(name)
         self.log.info("component=controllers controller=%s node=%s podCIDRs=%s", self.name, name, ",".join(cidrs))
