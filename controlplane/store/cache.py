@@ -63,7 +63,13 @@ def ingest(kv: KV, rev: int | None = None) -> CachedObject:
     if not isinstance(meta, dict):
         meta = obj["metadata"] = {}
     meta["resourceVersion"] = str(r)
-    return CachedObject(kv.key, r, obj, orjson.dumps(obj), kv.create_revision)
+    return CachedObject(kv.key, r, obj, _compact_bytes(orjson.dumps(obj)), kv.create_revision)
+
+
+def _compact_bytes(b: bytes) -> bytes:
+    """orjson's result keeps its growth buffer (>= 4 KiB for a 1 KiB object); an exact-size copy
+    makes 60k cached objects ~180 MiB smaller."""
+    return bytes(memoryview(b))
 
 
 class Watcher:
@@ -404,4 +410,4 @@ def _with_rv(last: CachedObject, rev: int) -> tuple[dict[str, Any], bytes]:
     meta = dict(obj.get("metadata") or {})
     meta["resourceVersion"] = str(rev)
     obj["metadata"] = meta
-    return obj, orjson.dumps(obj)
+    return obj, _compact_bytes(orjson.dumps(obj))
