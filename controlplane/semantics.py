@@ -119,14 +119,17 @@ class Semantics:
         p = _mod("patch")
         if p is None or not hasattr(p, "update_managed_fields"):
             return
-        p.update_managed_fields(old, new, manager or "unknown", operation, res.api_version, subresource)
+        try:
+            p.update_managed_fields(old, new, manager or "unknown", operation, res.api_version, subresource)
+        except ImportError:  # controlplane.ssa not there yet: no managedFields bookkeeping
+            return
 
     # ---- patches
 
     def apply_patch(
         self, res: Resource, current: dict[str, Any], patch_type: str, body: Any, opts: Any, subresource: str
     ) -> dict[str, Any]:
-        p = _mod("patch")
+        p = _mod("patch") or _FallbackPatch
         cur = copy.deepcopy(current)
         try:
             if patch_type == "json":
@@ -136,10 +139,13 @@ class Semantics:
             if patch_type == "strategic":
                 return p.strategic_merge_patch(cur, body, res.kind)
             if patch_type == "apply":
-                return p.server_side_apply(
-                    cur, body, res.kind, manager=opts.field_manager, force=opts.force, api_version=res.api_version,
-                    subresource=subresource,
-                )
+                try:
+                    return p.server_side_apply(
+                        cur, body, res.kind, manager=opts.field_manager, force=opts.force,
+                        api_version=res.api_version, subresource=subresource,
+                    )
+                except ImportError:  # controlplane.ssa not there yet
+                    return _FallbackPatch.server_side_apply(cur, body, res.kind)
         except ApiError:
             raise
         except getattr(p, "PatchError", ValueError) as e:
@@ -147,12 +153,14 @@ class Semantics:
         raise errors.unsupported_media_type(patch_type, list(_PATCH_CT))
 
     def apply_create(self, res: Resource, body: Any, manager: str) -> dict[str, Any]:
-        p = _mod("patch")
+        p = _mod("patch") or _FallbackPatch
         if not isinstance(body, dict):
             raise errors.bad_request("the apply patch must be an object")
         try:
             return p.server_side_apply(None, body, res.kind, manager=manager, force=False,
                                        api_version=res.api_version, subresource="")
+        except ImportError:
+            return _FallbackPatch.server_side_apply(None, body, res.kind)
         except ApiError:
             raise
         except getattr(p, "PatchError", ValueError) as e:
@@ -189,3 +197,101 @@ def check_unknown_fields(res: Resource, obj: Any, raw: bytes, opts: Any, *, patc
         msgs = [str(p) for p in problems]
         raise errors.bad_request("strict decoding error: " + ", ".join(msgs))
     opts.warnings.extend(str(p) for p in problems)
+
+
+class _FallbackPatch:
+    """RFC 7386 / RFC 6902 only, used while controlplane.patch (strategic merge, SSA) is absent."""
+
+    PatchError = ValueError
+
+    @staticmethod
+    def merge_patch(cur: Any, patch: Any) -> Any:
+        if not isinstance(patch, dict):
+            return copy.deepcopy(patch)
+        out = dict(cur) if isinstance(cur, dict) else {}
+        for k, v in patch.items():
+            if v is None:
+                out.pop(k, None)
+            else:
+                out[k] = _FallbackPatch.merge_patch(out.get(k), v)
+        return out
+
+    @staticmethod
+    def strategic_merge_patch(cur: Any, patch: Any, kind: str) -> Any:
+        def strip(p: Any) -> Any:
+            if isinstance(p, dict):
+                return {k: strip(v) for k, v in p.items() if not k.startswith("$")}
+            return p
+
+        return _FallbackPatch.merge_patch(cur, strip(patch))
+
+    @staticmethod
+    def server_side_apply(cur: Any, body: Any, kind: str, **kw: Any) -> Any:
+        return _FallbackPatch.merge_patch(cur or {}, body)
+
+    @staticmethod
+    def json_patch(doc: Any, ops: Any) -> Any:
+        def parse(path: str) -> list[str]:
+            if path == "":
+                return []
+            if not path.startswith("/"):
+                raise ValueError(f"invalid JSON pointer {path!r}")
+            return [t.replace("~1", "/").replace("~0", "~") for t in path[1:].split("/")]
+
+        def walk(d: Any, toks: list[str]) -> Any:
+            for t in toks:
+                if isinstance(d, dict) and t in d:
+                    d = d[t]
+                elif isinstance(d, list) and t.isdigit() and int(t) < len(d):
+                    d = d[int(t)]
+                else:
+                    raise ValueError(f"path not found: /{'/'.join(toks)}")
+            return d
+
+        for op in ops:
+            if not isinstance(op, dict) or not isinstance(op.get("op"), str) or not isinstance(op.get("path"), str):
+                raise ValueError("each JSON patch operation needs op and path")
+            kind, toks = op["op"], parse(op["path"])
+            if kind == "test":
+                if walk(doc, toks) != op.get("value"):
+                    raise ValueError(f"test failed at {op['path']}")
+                continue
+            if kind in ("move", "copy"):
+                val = copy.deepcopy(walk(doc, parse(op.get("from", ""))))
+                if kind == "move":
+                    doc = _FallbackPatch.json_patch(doc, [{"op": "remove", "path": op["from"]}])
+                op, kind = {"op": "add", "path": op["path"], "value": val}, "add"
+            if not toks:
+                if kind in ("add", "replace"):
+                    doc = copy.deepcopy(op.get("value"))
+                    continue
+                raise ValueError("cannot remove the whole document")
+            parent = walk(doc, toks[:-1])
+            last = toks[-1]
+            if isinstance(parent, dict):
+                if kind == "add" or (kind == "replace" and last in parent):
+                    if "value" not in op:
+                        raise ValueError("add/replace need a value")
+                    parent[last] = copy.deepcopy(op["value"])
+                elif kind == "remove" and last in parent:
+                    del parent[last]
+                else:
+                    raise ValueError(f"{kind}: path not found: {op['path']}")
+            elif isinstance(parent, list):
+                if last == "-" and kind == "add":
+                    parent.append(copy.deepcopy(op.get("value")))
+                    continue
+                if not last.isdigit():
+                    raise ValueError(f"invalid array index {last!r}")
+                i = int(last)
+                if kind == "add" and i <= len(parent):
+                    parent.insert(i, copy.deepcopy(op.get("value")))
+                elif kind == "replace" and i < len(parent):
+                    parent[i] = copy.deepcopy(op.get("value"))
+                elif kind == "remove" and i < len(parent):
+                    del parent[i]
+                else:
+                    raise ValueError(f"{kind}: index out of range: {op['path']}")
+            else:
+                raise ValueError(f"{kind}: path not found: {op['path']}")
+        return doc
