@@ -205,7 +205,9 @@ class WatchCache:
         backoff = 0.05
         while True:
             try:
-                async for ev in self.store.watch(self.prefix, self.revision):
+                # the whole key space, not just our prefix: a write elsewhere still advances the
+                # revision, so consistent_revision() never waits for an event that cannot come
+                async for ev in self.store.watch("", self.revision):
                     self._apply(ev)
                     backoff = 0.05
             except asyncio.CancelledError:
@@ -233,6 +235,11 @@ class WatchCache:
         if kv.mod_revision <= self.revision:
             return
         key = kv.key
+        if not key.startswith(self.prefix):
+            self.revision = kv.mod_revision
+            if self._waiters:
+                self._wake_waiters()
+            return
         prev = self._objects.get(key)
         if ev.type == "PUT":
             obj = ingest(kv)

@@ -73,6 +73,10 @@ async def test_read_your_writes(store_backend: StoreBackend) -> None:
         await cache.wait_for_revision(kv.mod_revision)
         got = cache.get(f"{p}ns/s0")
         assert got is not None and got.obj["metadata"]["name"] == "s0-changed"
+        # a write outside the cache's prefix advances the revision without an object to show
+        outside = await writer.create(p[:-1] + "-elsewhere/x", b"{}")
+        assert await cache.consistent_revision(timeout=5) == outside.mod_revision
+        assert cache.get(p[:-1] + "-elsewhere/x") is None and cache.revision == outside.mod_revision
     finally:
         await cache.close()
         if writer is not s:
