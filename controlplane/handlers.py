@@ -183,6 +183,10 @@ def decode_body(raw: bytes, media: str) -> Any:
             raise errors.bad_request(f"error decoding YAML body: {msg}") from None
         except RecursionError:
             raise errors.bad_request("error decoding YAML body: nested too deeply") from None
+    if media == "application/vnd.kubernetes.protobuf":
+        from controlplane import protobuf
+
+        return protobuf.decode(raw)
     raise errors.unsupported_media_type(media, ["application/json", "application/yaml"])
 
 
@@ -476,7 +480,8 @@ class Handlers:
         opts: dict[str, Any] = {}
         if request.can_read_body:
             raw = await read_body(request)
-            if raw.strip():
+            # typed Go clients may send DeleteOptions as protobuf: the query parameters still apply
+            if raw.strip() and _media_type(request) != "application/vnd.kubernetes.protobuf":
                 body = decode_body(raw, _media_type(request))
                 if not isinstance(body, dict):
                     raise errors.bad_request("DeleteOptions must be a JSON object")
