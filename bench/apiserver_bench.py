@@ -1,0 +1,418 @@
+"""The apiserver over HTTPS, as clients see it, for SQLite and etcd storage.
+
+    .venv/bin/python -m bench.apiserver_bench [--storage sqlite,etcd] [--creates 5000]
+        [--watchers 100] [--list 10000] [--rss 30000] [--json OUT]
+
+Phases (each against a fresh `kpx apiserver` process on a random loopback port, controllers off
+so only the bench writes):
+  creates   Service creates/s with 8 concurrent clients (POST, each waits for its 201)
+  latency   the same 8-client create load with N watchers attached (one watch stream each, in a
+            separate process so the watchers' parsing does not steal the load generator's core);
+            latency = watcher receipt time - the create request's send time (stamped in an
+            annotation), so it includes the write itself; p50/p99 over every (event, watcher)
+  list      time of a LIST of 10k Services (GET /api/v1/services, one response, JSON parsed)
+  rss       apiserver RSS after 30k Services + 30k EndpointSlices (VmRSS from /proc)
+
+Targets (SQLite): >= 1000 creates/s, p99 <= 100 ms, LIST 10k <= 0.5 s, RSS <= 1 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class ApiserverProcess:
+    """One `kpx apiserver` child on 127.0.0.1:<random port>; stopped (or SIGKILLed) by its PID."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        storage: str = "sqlite",
+        etcd_servers: str = "",
+        port: int = 0,
+        controllers: str = "",
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.data_dir = data_dir
+        self.storage = storage
+        self.etcd_servers = etcd_servers
+        self.port = port or free_port()
+        self.controllers = controllers
+        self.extra = extra
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.log_path = data_dir.parent / f"{data_dir.name}-apiserver.log"
+
+    def start(self, timeout: float = 30.0) -> None:
+        cmd = [
+            sys.executable, "-m", "kpx", "apiserver",
+            "--data-dir", str(self.data_dir),
+            "--secure-port", str(self.port),
+            "--bind-address", "127.0.0.1",
+            "--storage", self.storage,
+            "--controllers", self.controllers,
+            "--log-level", "warning",
+            *self.extra,
+        ]  # fmt: skip
+        if self.etcd_servers:
+            cmd += ["--etcd-servers", self.etcd_servers]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+            )  # fmt: skip
+        self._wait_ready(timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kpx apiserver exited {self.proc.returncode}; see {self.log_path}")
+            try:
+                with (
+                    socket.create_connection(("127.0.0.1", self.port), timeout=1) as raw,
+                    ctx.wrap_socket(raw) as s,
+                ):
+                    s.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                    if s.recv(64).startswith(b"HTTP/1.1 200"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"kpx apiserver not ready within {timeout}s; see {self.log_path}")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=15)
+        self.proc = None
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def credentials(self) -> tuple[ssl.SSLContext, str]:
+        """(TLS context trusting the apiserver's CA, bearer token) from DATA_DIR/kubeconfig."""
+        cfg = yaml.safe_load((self.data_dir / "kubeconfig").read_text())
+        ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+        ctx = ssl.create_default_context(cadata=ca)
+        return ctx, cfg["users"][0]["user"]["token"]
+
+    def session(self, limit: int = 64) -> aiohttp.ClientSession:
+        ctx, token = self.credentials()
+        return aiohttp.ClientSession(
+            base_url=self.url,
+            connector=aiohttp.TCPConnector(ssl=ctx, limit=limit),
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=aiohttp.ClientTimeout(total=60),
+        )
+
+
+def service(name: str, ns: str = "default", stamp: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name, "namespace": ns, "labels": {"app": name, "bench": "kpx"}}
+    if stamp:
+        meta["annotations"] = {"bench/sent": repr(time.time())}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta,
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 80, "targetPort": 8080}]},
+    }
+
+
+def endpointslice(name: str, ns: str, i: int) -> dict[str, Any]:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {"name": f"{name}-x1", "namespace": ns, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": [
+            {
+                "addresses": [f"10.244.{j}.{i % 250 + 2}"],
+                "conditions": {"ready": True, "serving": True, "terminating": False},
+                "nodeName": f"node{j}",
+            }
+            for j in range(2)
+        ],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+    }
+
+
+async def run_clients(
+    n_clients: int, total: int, make: Callable[[int], Awaitable[None]]
+) -> tuple[float, int]:
+    """Run `make(i)` for i in range(total) over n_clients concurrent workers; (seconds, done)."""
+    counter = iter(range(total))
+    done = 0
+
+    async def worker() -> None:
+        nonlocal done
+        for i in counter:
+            await make(i)
+            done += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(n_clients)))
+    return time.perf_counter() - t0, done
+
+
+async def create_services(
+    s: aiohttp.ClientSession, count: int, prefix: str, ns: str = "default", clients: int = 8, stamp: bool = False
+) -> tuple[float, list[tuple[str, int]]]:
+    acked: list[tuple[str, int]] = []
+
+    async def one(i: int) -> None:
+        name = f"{prefix}{i}"
+        async with s.post(f"/api/v1/namespaces/{ns}/services", data=orjson.dumps(service(name, ns, stamp)),
+                          headers={"Content-Type": "application/json"}) as r:  # fmt: skip
+            body = await r.read()
+            if r.status != 201:
+                raise RuntimeError(f"create {name}: HTTP {r.status} {body[:200]!r}")
+            acked.append((name, int(orjson.loads(body)["metadata"]["resourceVersion"])))
+
+    secs, _ = await run_clients(clients, count, one)
+    return secs, acked
+
+
+# ---------------------------------------------------------------------------- watchers (child process)
+
+WATCHER_CHILD = r"""
+import asyncio, json, ssl, sys, time, aiohttp
+url, ca, token, n, rv, expect = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], int(sys.argv[6])
+MARK = b'"bench/sent":"'
+async def watch(session, lat):
+    got = 0
+    async with session.get("/api/v1/namespaces/default/services",
+                           params={"watch": "1", "resourceVersion": rv}) as r:
+        assert r.status == 200, r.status
+        buf = b""
+        async for chunk in r.content.iter_any():
+            now = time.time()
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                i = line.find(MARK)
+                if i >= 0:
+                    j = line.index(b'"', i + len(MARK))
+                    lat.append(now - float(line[i + len(MARK):j]))
+                    got += 1
+            if got >= expect:
+                return
+async def main():
+    ctx = ssl.create_default_context(cadata=ca)
+    lat = []
+    async with aiohttp.ClientSession(base_url=url, connector=aiohttp.TCPConnector(ssl=ctx, limit=0),
+                                     headers={"Authorization": "Bearer " + token},
+                                     timeout=aiohttp.ClientTimeout(total=600)) as s:
+        tasks = [asyncio.create_task(watch(s, lat)) for _ in range(n)]
+        await asyncio.sleep(0.5)
+        print("ready", flush=True)
+        await asyncio.gather(*tasks)
+    sys.stdout.write(json.dumps(lat) + "\n")
+asyncio.run(main())
+"""
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    v = sorted(values)
+    return v[min(len(v) - 1, int(round(p / 100 * (len(v) - 1))))]
+
+
+async def phase_latency(api: ApiserverProcess, s: aiohttp.ClientSession, watchers: int, count: int) -> dict[str, Any]:
+    async with s.get("/api/v1/namespaces/default/services", params={"limit": "1"}) as r:
+        rv = (await r.json())["metadata"]["resourceVersion"]
+    cfg = yaml.safe_load((api.data_dir / "kubeconfig").read_text())
+    ca = base64.b64decode(cfg["clusters"][0]["cluster"]["certificate-authority-data"]).decode()
+    token = cfg["users"][0]["user"]["token"]
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", WATCHER_CHILD, api.url, ca, token, str(watchers), rv, str(count),
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert child.stdout is not None
+    try:
+        line = await asyncio.wait_for(child.stdout.readline(), 60)
+        assert line.strip() == b"ready", line
+        secs, acked = await create_services(s, count, "lat-", stamp=True)
+        out = await asyncio.wait_for(child.stdout.readline(), 120)
+        lat = json.loads(out)
+    finally:
+        if child.returncode is None:
+            child.kill()
+        await child.wait()
+    return {
+        "watchers": watchers,
+        "creates": count,
+        "creates_per_s": round(count / secs, 1),
+        "deliveries": len(lat),
+        "p50_ms": round(percentile(lat, 50) * 1000, 1),
+        "p99_ms": round(percentile(lat, 99) * 1000, 1),
+        "max_ms": round(max(lat) * 1000, 1) if lat else None,
+    }
+
+
+async def phase_list(s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
+    have = 0
+    async with s.get("/api/v1/namespaces/list/services", params={"limit": "1"}) as r:
+        have = len((await r.json()).get("items", []))
+    if not have:
+        await create_services(s, n, "l-", ns="list")
+    times = []
+    items = 0
+    for _ in range(3):
+        t0 = time.perf_counter()
+        async with s.get("/api/v1/namespaces/list/services") as r:
+            body = await r.read()
+        items = len(orjson.loads(body)["items"])
+        times.append(time.perf_counter() - t0)
+    return {"items": items, "best_s": round(min(times), 3), "median_s": round(sorted(times)[1], 3)}
+
+
+async def phase_rss(api: ApiserverProcess, s: aiohttp.ClientSession, n: int) -> dict[str, Any]:
+    base = api.rss_mib()
+    t0 = time.perf_counter()
+    await create_services(s, n, "r-", ns="rss")
+
+    async def one(i: int) -> None:
+        async with s.post("/apis/discovery.k8s.io/v1/namespaces/rss/endpointslices",
+                          data=orjson.dumps(endpointslice(f"r-{i}", "rss", i)),
+                          headers={"Content-Type": "application/json"}) as r:  # fmt: skip
+            if r.status != 201:
+                raise RuntimeError(f"endpointslice create: HTTP {r.status} {(await r.read())[:200]!r}")
+            await r.read()
+
+    await run_clients(8, n, one)
+    return {
+        "services": n,
+        "endpointslices": n,
+        "fill_s": round(time.perf_counter() - t0, 1),
+        "rss_before_mib": round(base, 1),
+        "rss_mib": round(api.rss_mib(), 1),
+    }
+
+
+async def bench_one(storage: str, args: argparse.Namespace, work: Path, etcd_url: str) -> dict[str, Any]:
+    api = ApiserverProcess(work / f"{storage}-data", storage=storage, etcd_servers=etcd_url)
+    api.start()
+    res: dict[str, Any] = {"storage": storage}
+    try:
+        async with api.session() as s:
+            await create_services(s, 200, "warm-")  # warm up TLS connections and code paths
+            secs, acked = await create_services(s, args.creates, "c-")
+            res["creates"] = {"count": len(acked), "clients": 8, "per_s": round(len(acked) / secs, 1)}
+            print(f"[{storage}] creates: {res['creates']}", flush=True)
+            if args.watchers:
+                res["latency"] = await phase_latency(api, s, args.watchers, args.latency_creates)
+                print(f"[{storage}] watch latency: {res['latency']}", flush=True)
+            if args.list:
+                res["list"] = await phase_list(s, args.list)
+                print(f"[{storage}] list: {res['list']}", flush=True)
+            if args.rss:
+                res["rss"] = await phase_rss(api, s, args.rss)
+                print(f"[{storage}] rss: {res['rss']}", flush=True)
+    finally:
+        api.kill(signal.SIGTERM)
+    return res
+
+
+class _Etcd:
+    def __init__(self, work: Path) -> None:
+        self.port, self.peer = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer}"
+        with open(work / "etcd.log", "ab") as log:
+            self.proc = subprocess.Popen(
+                ["etcd", "--name", "bench", "--data-dir", str(work / "etcd"), "--listen-client-urls", self.url,
+                 "--advertise-client-urls", self.url, "--listen-peer-urls", peer,
+                 "--initial-advertise-peer-urls", peer, "--initial-cluster", f"bench={peer}"],
+                stdout=log, stderr=log, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError("etcd did not start")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=20)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="apiserver_bench", description=__doc__.split("\n")[0])
+    ap.add_argument("--storage", default="sqlite,etcd")
+    ap.add_argument("--creates", type=int, default=5000)
+    ap.add_argument("--watchers", type=int, default=100)
+    ap.add_argument("--latency-creates", type=int, default=2000)
+    ap.add_argument("--list", type=int, default=10000)
+    ap.add_argument("--rss", type=int, default=30000)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="kpx-apiserver-bench-") as tmp:
+        work = Path(tmp)
+        for storage in [x.strip() for x in args.storage.split(",") if x.strip()]:
+            etcd = _Etcd(work) if storage == "etcd" else None
+            try:
+                results.append(asyncio.run(bench_one(storage, args, work, etcd.url if etcd else "")))
+            finally:
+                if etcd is not None:
+                    etcd.stop()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
