@@ -45,6 +45,9 @@ LAB_NAME_RE = re.compile(r"^[a-z0-9]{1,10}$")  # kpx0-<lab> must fit IFNAMSIZ (1
 ROUTE_PROTO = "static"  # host-gw routes the lab (and the agent) own inside node netns
 
 
+_IPAMS: dict[str, Ipam] = {}
+
+
 def state_root() -> Path:
     return Path(os.environ.get("KPX_STATE_ROOT", "/var/lib/kpx"))
 
@@ -308,8 +311,13 @@ class Lab:
         )
 
     def ipam(self, node: int | str | LabNode) -> Ipam:
+        """The node's pod IPAM (leases under <state>/ipam/<node>/); one object per process."""
         n = node if isinstance(node, LabNode) else self.node(node)
-        return Ipam(Path(self.state_dir) / "ipam" / n.name, n.pod_cidr)
+        d = str(Path(self.state_dir) / "ipam" / n.name)
+        ipam = _IPAMS.get(d)
+        if ipam is None or str(ipam.network) != n.pod_cidr:
+            ipam = _IPAMS[d] = Ipam(d, n.pod_cidr)
+        return ipam
 
     def pod_netns(self, namespace: str, pod: str) -> str:
         return f"kpx-{self.name}-{namespace}-{pod}"
@@ -550,6 +558,7 @@ def destroy(name: str, state_dir: str | os.PathLike[str] | None = None) -> None:
         if p not in seen:
             seen.add(p)
             uniq.append((p, s))
+    ns.close_ip_shells(prefix)  # our own `ip -batch` helpers in the lab's node netns
     kill_processes(uniq)
     link = host_link_name(name)
     if os.path.exists(f"/sys/class/net/{link}"):  # synchronously, not when the kernel frees -net

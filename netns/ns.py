@@ -8,11 +8,15 @@ unless the caller names a link in it explicitly (the lab's one host veth).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import json
 import os
+import socket
+import struct
 import subprocess
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -224,3 +228,144 @@ def kill_pid(pid: int, starttime: int | None, sig: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+# --- in-process interface setup (no exec): legacy ioctls from a thread inside the netns -------
+
+SIOCSIFFLAGS = 0x8914
+SIOCGIFFLAGS = 0x8913
+SIOCSIFADDR = 0x8916
+SIOCSIFNETMASK = 0x891C
+SIOCADDRT = 0x890B
+IFF_UP = 0x1
+RTF_UP, RTF_GATEWAY = 0x1, 0x2
+_IFREQ_SIZE = 40
+_RTENTRY = struct.Struct("@L16s16s16sHhLPhPLLH")
+
+
+def _sockaddr_in(ip: str) -> bytes:
+    return struct.pack("=H2s4s8s", socket.AF_INET, b"\0\0", socket.inet_aton(ip), b"\0" * 8)
+
+
+def _ifreq(name: str, payload: bytes) -> bytes:
+    return (name.encode()[:15].ljust(16, b"\0") + payload).ljust(_IFREQ_SIZE, b"\0")
+
+
+def configure_iface(netns: str, ifname: str, ip: str, prefixlen: int, gateway: str | None) -> None:
+    """In netns: give ifname ip/prefixlen, set it up, add `default via gateway`.
+
+    Same result as `ip -n NETNS -batch` of addr add / link set up / route add default, but
+    through ioctls in a setns'd thread: no process start, ~50x cheaper per pod.
+    """
+    mask = socket.inet_ntoa(struct.pack("!I", (0xFFFFFFFF << (32 - prefixlen)) & 0xFFFFFFFF))
+
+    def body() -> None:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            fd = s.fileno()
+            fcntl.ioctl(fd, SIOCSIFADDR, _ifreq(ifname, _sockaddr_in(ip)))
+            fcntl.ioctl(fd, SIOCSIFNETMASK, _ifreq(ifname, _sockaddr_in(mask)))
+            flags = struct.unpack_from("H", fcntl.ioctl(fd, SIOCGIFFLAGS, _ifreq(ifname, b"")), 16)[0]
+            fcntl.ioctl(fd, SIOCSIFFLAGS, _ifreq(ifname, struct.pack("H", flags | IFF_UP)))
+            if gateway:
+                zero = _sockaddr_in("0.0.0.0")
+                rt = _RTENTRY.pack(
+                    0, zero, _sockaddr_in(gateway), zero, RTF_UP | RTF_GATEWAY, 0, 0, 0, 0, 0, 0, 0, 0
+                )
+                fcntl.ioctl(fd, SIOCADDRT, rt.ljust(120, b"\0"))
+
+    try:
+        in_netns(netns, body)
+    except OSError as e:
+        raise NsError(
+            f"configuring {ifname} in {netns} ({ip}/{prefixlen} via {gateway}): {e.strerror}"
+        ) from None
+
+
+# --- a long-running `ip -batch` per netns: no process start per pod ---------------------------
+
+
+class IpShell:
+    """`ip -n NETNS -o -batch -` kept running; each call writes its lines plus a marker command
+    (`link show dev lo`, which prints exactly one line) and reads up to that line. ip flushes
+    stdout after every command, and without -force it exits at the first failing line, so a
+    failure shows up as EOF and its stderr names the line. One lock per shell: callers from
+    several threads queue (the kernel serializes link changes on RTNL anyway)."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        self.proc: subprocess.Popen[str] | None = None
+        self.inode: int | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen[str]:
+        import tempfile
+
+        argv = ["ip"] + (["-n", self.netns] if self.netns else []) + ["-o", "-batch", "-"]
+        self._err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the shell)
+        self.inode = netns_inode(self.netns) if self.netns else None
+        return subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, text=True, bufsize=1
+        )
+
+    def run(self, lines: Iterable[str]) -> None:
+        text = "".join(line.rstrip("\n") + "\n" for line in lines)
+        if not text:
+            return
+        with self.lock:
+            p = self.proc
+            if p is None or p.poll() is not None or (self.netns and netns_inode(self.netns) != self.inode):
+                self.close_locked()
+                p = self.proc = self._start()
+            assert p.stdin is not None and p.stdout is not None
+            try:
+                p.stdin.write(text + "link show dev lo\n")
+                p.stdin.flush()
+                out = p.stdout.readline()
+            except (BrokenPipeError, OSError):
+                out = ""
+            if not out.startswith("1: lo"):
+                self.close_locked()
+                self._err.seek(0)
+                err = self._err.read().strip() or out.strip() or "ip -batch exited"
+                raise NsError(f"ip -n {self.netns} -batch: {err}")
+
+    def close_locked(self) -> None:
+        p, self.proc = self.proc, None
+        if p is not None:
+            try:
+                if p.stdin:
+                    p.stdin.close()
+                p.wait(timeout=2)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+                p.wait()
+
+    def close(self) -> None:
+        with self.lock:
+            self.close_locked()
+
+
+_SHELLS: dict[str | None, IpShell] = {}
+_SHELLS_LOCK = threading.Lock()
+
+
+def ip_shell(netns: str | None) -> IpShell:
+    """The process-wide IpShell for netns (started on first use)."""
+    with _SHELLS_LOCK:
+        sh = _SHELLS.get(netns)
+        if sh is None:
+            sh = _SHELLS[netns] = IpShell(netns)
+        return sh
+
+
+def close_ip_shells(prefix: str = "") -> None:
+    """Stop the shells whose netns name starts with prefix (all by default); e.g. before the
+    lab's netns are deleted, so no `ip` process keeps one of them alive."""
+    with _SHELLS_LOCK:
+        names = [n for n in _SHELLS if (n or "").startswith(prefix)]
+        shells = [_SHELLS.pop(n) for n in names]
+    for sh in shells:
+        sh.close()
+
+
+atexit.register(close_ip_shells)

@@ -20,6 +20,7 @@ import builtins
 import hashlib
 import json
 import os
+import random
 import subprocess
 import time
 from dataclasses import asdict, dataclass, field
@@ -27,14 +28,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from netns import ns
-from netns.ipam import Ipam
+from netns.ipam import Ipam, write_in_place
 
 if TYPE_CHECKING:
     from netns.lab import Lab, LabNode
 
-HOLDER_DIR = Path(__file__).resolve().parent / "holder"
-HOLDER_SRC = HOLDER_DIR / "holder.c"
-HOLDER_BIN = HOLDER_DIR / "kpx-holder"
 HOSTNAME_MAX = 63  # like the kubelet: a pod's hostname is its name truncated to 63
 
 
@@ -43,20 +41,10 @@ class SandboxError(ns.NsError):
 
 
 def holder_binary() -> str:
-    """Path of kpx-holder, compiling it (static, -Os) if missing or older than its source."""
-    if HOLDER_BIN.exists() and HOLDER_BIN.stat().st_mtime >= HOLDER_SRC.stat().st_mtime:
-        return str(HOLDER_BIN)
-    tmp = HOLDER_DIR / f".kpx-holder.{os.getpid()}"
-    for flags in (["-static"], []):  # static keeps RSS minimal; fall back if libc.a is absent
-        p = subprocess.run(
-            ["gcc", "-Os", "-Wall", *flags, "-o", str(tmp), str(HOLDER_SRC)], capture_output=True
-        )
-        if p.returncode == 0:
-            os.replace(tmp, HOLDER_BIN)
-            return str(HOLDER_BIN)
-    raise SandboxError(
-        f"building {HOLDER_BIN} failed (is gcc installed? 'make setup'): {p.stderr.decode().strip()}"
-    )
+    """Path of kpx-holder (compiled on first use; see netns/cbuild.py)."""
+    from netns.cbuild import binary
+
+    return binary("kpx-holder")
 
 
 def veth_name(lab: str, namespace: str, pod: str) -> str:
@@ -97,10 +85,11 @@ class Sandbox:
         return self.record_path(self.state_dir, self.netns)
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(asdict(self)))
-        os.replace(tmp, self.path)
+        try:
+            write_in_place(self.path, json.dumps(asdict(self)))
+        except FileNotFoundError:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            write_in_place(self.path, json.dumps(asdict(self)))
 
     @classmethod
     def from_record(cls, path: Path) -> Sandbox:
@@ -170,14 +159,14 @@ class Sandbox:
             state_dir=lab.state_dir,
         )
         if not ip:
+            # a lease made just before a crash is found again by key (allocate is idempotent)
+            # and goes with the lab's state dir at destroy
             ipam = lab.ipam(n)
             sb.ipam_dir, sb.ipam_key = str(ipam.dir), f"{namespace}/{pod}"
-            sb.save()  # the record names the lease before it exists: destroy always finds it
             sb.ip = ipam.allocate(sb.ipam_key)
-        sb.save()
+        sb.save()  # before any kernel object: destroy always finds them
         try:
             sb._start_holder()
-            sb.save()
             sb._wire()
         except BaseException:
             sb.destroy(grace=0)
@@ -202,24 +191,17 @@ class Sandbox:
 
     def _wire(self) -> None:
         v = self.veth_host
-        ns.ip_batch(
+        ns.ip_shell(self.node_netns).run(
             [
                 f"link add {v} type veth peer name eth0 netns {self.netns}",
                 f"link set {v} master {self.bridge}",
                 # a pod reaching itself through its Service comes back on the same port
                 f"link set {v} type bridge_slave hairpin on",
                 f"link set {v} up",
-            ],
-            self.node_netns,
+            ]
         )
-        ns.ip_batch(
-            [
-                f"addr add {self.ip}/{self.prefixlen} dev eth0",
-                "link set eth0 up",
-                f"route add default via {self.gateway} dev eth0",
-            ],
-            self.netns,
-        )
+        # pod side: addr, up, default route (ioctls from a setns'd thread, no `ip` exec)
+        ns.configure_iface(self.netns, "eth0", self.ip, self.prefixlen, self.gateway)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -358,10 +340,10 @@ def destroy_many(sandboxes: builtins.list[Sandbox], grace: float = 2.0) -> None:
     kill_processes(targets, grace=grace)
     by_node: dict[str, list[str]] = {}
     for sb in sandboxes:
-        by_node.setdefault(sb.node_netns, []).append(f"link del {sb.veth_host}")
-    for node_netns, lines in by_node.items():
+        by_node.setdefault(sb.node_netns, []).append(sb.veth_host)
+    for node_netns, veths in by_node.items():
         if ns.netns_exists(node_netns):
-            ns.ip_batch(lines, node_netns, force=True)
+            delete_links(node_netns, veths)
     for sb in sandboxes:
         ns.netns_delete(sb.netns)
         if sb.ipam_dir and sb.ipam_key and sb.ip:
@@ -370,6 +352,15 @@ def destroy_many(sandboxes: builtins.list[Sandbox], grace: float = 2.0) -> None:
             os.unlink(sb.path)
         except FileNotFoundError:
             pass
+
+
+def delete_links(netns: str, names: builtins.list[str]) -> None:
+    """Delete links synchronously in one kernel batch: tag them with a fresh link group, then
+    `ip link del group G` (one unregister_netdevice_many, i.e. one RCU wait instead of one per
+    link: 100 veths in ~0.1 s instead of ~2 s). Missing links are skipped."""
+    group = random.randrange(1 << 16, 1 << 31)
+    ns.ip_batch([f"link set {n} group {group}" for n in names], netns, force=True)
+    ns.run(["ip", "-n", netns, "link", "del", "group", str(group)], check=False)
 
 
 def _zombie(pid: int) -> bool:

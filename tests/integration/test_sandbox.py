@@ -154,7 +154,7 @@ def test_duplicate_sandbox_and_unknown_image(lab: Lab) -> None:
         sb.destroy()
     with pytest.raises(UnknownImage, match="not built in"):
         lab.add_pod(1, "default", unique_pod("img"), image="nginx:1.25")
-    assert image_argv("docker.io/kpx/http:latest")[-1].endswith("http_server.py")
+    assert image_argv("docker.io/kpx/http:latest")[-1] == "--http"
 
 
 def test_http_image_answers(lab: Lab) -> None:
