@@ -142,7 +142,9 @@ class ContainerRunner:
 
     async def run(self) -> None:
         """Start/watch/restart loop; returns when stopped or when the policy says no restart."""
-        first = True
+        # A fresh container's first start is not a restart; an adopted running one, or one a
+        # previous agent already ran (restartCount/lastState from the API), restarts count.
+        first = self.pid is None and self.status.restart_count == 0 and self.status.last_terminated is None
         while not self.stopping.is_set():
             if not self.running:
                 if not first:
