@@ -13,7 +13,7 @@ Call signatures for the REST layer (H2a):
 
 Strict -> 400 with strict_message; Warn -> one `Warning: 299 - "<str(p)>"` header per problem.
 `raw` is the request body (JSON, or YAML for apply): duplicates can only be seen there; for a
-patch, pass the patch body as raw and the *patched* object as obj.
+patch, obj may be the patch body (with patch_type="strategic" its `$` directives are skipped).
 """
 
 from __future__ import annotations
@@ -39,31 +39,35 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: bool) -> None:
+def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: bool, smp: bool = False) -> None:
     if t is None or t.kind in ("any", "scalar"):
         return
     if t.kind == "struct" and isinstance(v, dict):
         for k in list(v):
+            if smp and k.startswith("$"):
+                continue  # strategic merge directives: $patch, $retainKeys, $setElementOrder/..., ...
             ft = t.fields.get(k)
             if ft is None:
                 out.append(Problem("unknown", _join(path, k)))
                 if prune:
                     del v[k]
             else:
-                _walk_unknown(v[k], ft, _join(path, k), out, prune)
+                _walk_unknown(v[k], ft, _join(path, k), out, prune, smp)
     elif t.kind == "map" and isinstance(v, dict):
         for k, x in v.items():
-            _walk_unknown(x, t.elem, _join(path, k), out, prune)
+            if not (smp and k.startswith("$")):
+                _walk_unknown(x, t.elem, _join(path, k), out, prune, smp)
     elif t.kind == "list" and isinstance(v, list):
         for i, x in enumerate(v):
-            _walk_unknown(x, t.elem, f"{path}[{i}]", out, prune)
+            _walk_unknown(x, t.elem, f"{path}[{i}]", out, prune, smp)
 
 
-def unknown_fields(kind: str, obj: Any, *, prune: bool = False) -> list[Problem]:
+def unknown_fields(kind: str, obj: Any, *, prune: bool = False, smp: bool = False) -> list[Problem]:
+    """`smp=True`: obj is a strategic merge patch body, whose `$` directives are not fields."""
     t = schema.root(kind)
     out: list[Problem] = []
     if t is not None:
-        _walk_unknown(obj, t, "", out, prune)
+        _walk_unknown(obj, t, "", out, prune, smp)
     return out
 
 
@@ -128,8 +132,10 @@ def _yaml_duplicates(raw: bytes | str) -> list[Problem]:
 def check(
     kind: str, obj: Any, *, raw: bytes | str | None = None, patch_type: str = "", api_version: str = "v1"
 ) -> list[Problem]:
-    """Duplicates in the request body, then unknown fields of the object (pruned in place)."""
-    return duplicate_fields(raw) + unknown_fields(kind, obj, prune=True)
+    """Duplicates in the request body, then unknown fields of the object (pruned in place).
+    `obj` may be the patch body itself (patch_type "strategic" | "merge" | "apply"): directives are
+    skipped and the pruned patch then carries no unknown field into storage."""
+    return duplicate_fields(raw) + unknown_fields(kind, obj, prune=True, smp=patch_type == "strategic")
 
 
 def strict_message(kind: str, problems: list[Problem], api_version: str = "v1") -> str:

@@ -105,3 +105,20 @@ def test_openapi_schemas_expose_list_semantics():
     assert d["io.k8s.api.core.v1.Service"]["x-kubernetes-group-version-kind"] == [{"group": "", "version": "v1", "kind": "Service"}]
     assert "io.k8s.api.discovery.v1.EndpointSlice" in d
     assert "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta" in d
+
+
+def test_strategic_patch_body_directives_are_not_unknown_fields():
+    import copy
+    from pathlib import Path
+
+    payloads = json.loads((Path(__file__).parent / "data" / "kubectl_payloads.json").read_text())
+    for key, kind in (("csa_service@1.33", "Service"), ("csa_pod@1.27", "Pod"), ("patch_service_smp@1.33", "Service")):
+        raw = payloads[key]["body"].encode()
+        body = json.loads(raw)
+        before = copy.deepcopy(body)
+        assert check(kind, body, raw=raw, patch_type="strategic") == [], key
+        assert body == before
+    body = {"spec": {"$setElementOrder/ports": [{"port": 80}], "ports": [{"port": 80, "bogus": 1}]}}
+    assert [str(p) for p in check("Service", body, patch_type="strategic")] == ['unknown field "spec.ports[0].bogus"']
+    # in a full object (create/update) a "$" key is just unknown
+    assert check("Service", {"spec": {"$patch": "x"}}) != []
