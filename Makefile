@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.kpx-setup
 # Debian packages the project uses at run time and in tests (bookworm names).
 APT_PACKAGES := iproute2 iptables nftables ipset conntrack etcd-server etcd-client catatonit \
-	tcpdump socat iperf3 wrk ipvsadm python3-venv python3-dev gcc procps psmisc kmod \
+	tcpdump socat iperf3 wrk ipvsadm python3-venv python3-dev gcc libc6-dev procps psmisc kmod \
 	qemu-system-x86 linux-image-amd64 busybox-static xz-utils
 PYTEST_ARGS ?=
 
@@ -24,6 +24,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip >/dev/null
 	@$(BIN)/pip install -q -e '.[dev,bench,iptables]'
+	@$(BIN)/python -m netns.cbuild  # kpx-holder (pod sandbox), kpx-echo (kpx/echo, kpx/http); rebuilt on use if stale
 	@touch $(STAMP)
 	@echo "setup: done ($(BIN)/kpx)"
 
