@@ -376,6 +376,7 @@ def prepare_service_update(old: dict[str, Any], new: dict[str, Any]) -> None:
         hc = os_.get("healthCheckNodePort")
         if hc:
             ns["healthCheckNodePort"] = hc
+    _normalize_cluster_ips(os_, ns)
     # dropTypeDependentFields
     if needs_cluster_ip(old) and not needs_cluster_ip(new):
         if ns.get("clusterIP") == os_.get("clusterIP") and ns.get("clusterIPs") == os_.get("clusterIPs"):
@@ -403,6 +404,19 @@ def prepare_service_update(old: dict[str, Any], new: dict[str, Any]) -> None:
     etp_same = "externalTrafficPolicy" in ns and ns.get("externalTrafficPolicy") == os_.get("externalTrafficPolicy")
     if old_t in external and new_t not in external and etp_same:
         ns.pop("externalTrafficPolicy")
+
+
+def _normalize_cluster_ips(os_: dict[str, Any], ns: dict[str, Any]) -> None:
+    """Keep clusterIP and clusterIPs in step when a client only changed one (normalizeClusterIPs)."""
+    old_ips, new_ips = os_.get("clusterIPs") or [], ns.get("clusterIPs") or []
+    if old_ips and not new_ips and os_.get("clusterIP") == ns.get("clusterIP"):
+        ns["clusterIPs"] = list(old_ips)
+        new_ips = ns["clusterIPs"]
+    if os_.get("clusterIP") != ns.get("clusterIP") and new_ips == old_ips:
+        if os_.get("clusterIP") and not ns.get("clusterIP"):
+            ns.pop("clusterIPs", None)
+        else:
+            ns["clusterIPs"] = [ns["clusterIP"]]
 
 
 @dataclass

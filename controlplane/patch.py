@@ -76,6 +76,10 @@ def merge_patch(current: Obj, patch: Any) -> Obj:
 # ---------------------------------------------------------------- RFC 6902
 
 
+def _json_patch_failed(msg: str) -> PatchError:
+    return PatchError(422, "Invalid", GENERIC_422, {"causes": [{"reason": "UnexpectedServerResponse", "message": msg}]})
+
+
 def json_patch(current: Obj, ops: Any) -> Obj:
     if not isinstance(ops, list):
         raise PatchError(400, "BadRequest", "json: cannot unmarshal object into Go value of type jsonpatch.Patch")
@@ -85,14 +89,18 @@ def json_patch(current: Obj, ops: Any) -> Obj:
     for op in ops:
         if not isinstance(op, dict) or "op" not in op:
             raise PatchError(400, "BadRequest", "Unexpected kind: <nil>" if isinstance(op, dict) else "invalid JSON patch operation")
-    try:
-        patch = jsonpatch.JsonPatch(ops)
-        result = patch.apply(copy.deepcopy(current))
-    except jsonpatch.InvalidJsonPatch as e:
-        raise PatchError(400, "BadRequest", str(e)) from None
-    except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError) as e:
-        raise PatchError(422, "Invalid", GENERIC_422,
-                         {"causes": [{"reason": "UnexpectedServerResponse", "message": str(e) or type(e).__name__}]}) from None
+    result: Any = copy.deepcopy(current)
+    for op in ops:
+        try:
+            result = jsonpatch.JsonPatch([op]).apply(result, in_place=True)
+        except jsonpatch.InvalidJsonPatch as e:
+            raise PatchError(400, "BadRequest", str(e)) from None
+        except jsonpatch.JsonPatchTestFailed:
+            raise _json_patch_failed(f"testing value {op.get('path')} failed: test failed") from None
+        except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException, KeyError, IndexError, TypeError):
+            raise _json_patch_failed(
+                f"{op.get('op')} operation does not apply: doc is missing path: {json.dumps(op.get('path'))}: missing value"
+            ) from None
     if not isinstance(result, dict):
         raise PatchError(422, "Invalid", GENERIC_422,
                          {"causes": [{"reason": "UnexpectedServerResponse", "message": "the result is not an object"}]})

@@ -328,3 +328,16 @@ def test_rebuild_from_stored_services():
     assert ips.used == 2 and ports.used == 1
     assert any("more than one" in w and "default/c" in w for w in warnings)
     assert any("not within 10.96.0.0/12" in w for w in warnings)
+
+
+def test_changing_only_cluster_ip_is_normalized_into_cluster_ips(allocs):
+    ips, ports = allocs
+    old = svc(clusterIP="10.96.0.20", clusterIPs=["10.96.0.20"])
+    new = copy.deepcopy(old)
+    new["spec"]["clusterIP"] = "10.96.0.21"  # e.g. a JSON patch of /spec/clusterIP only
+    prepare_service_update(old, new)
+    assert new["spec"]["clusterIPs"] == ["10.96.0.21"]  # so validation reports "may not change once set"
+    cleared = copy.deepcopy(old)
+    cleared["spec"]["clusterIP"] = ""
+    prepare_service_update(old, cleared)  # old clients clearing the singular field: carried over
+    assert cleared["spec"]["clusterIP"] == "10.96.0.20" and cleared["spec"]["clusterIPs"] == ["10.96.0.20"]

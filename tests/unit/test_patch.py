@@ -183,10 +183,13 @@ def test_json_patch_ops_and_errors():
         json_patch(cur, [{"op": "test", "path": "/metadata/labels/a", "value": "2"}])
     assert ei.value.code == 422 and ei.value.reason == "Invalid"
     assert str(ei.value) == "the server rejected our request due to an error in our request"
-    assert ei.value.details and ei.value.details["causes"][0]["reason"] == "UnexpectedServerResponse"
+    assert ei.value.details and ei.value.details["causes"] == [
+        {"reason": "UnexpectedServerResponse", "message": "testing value /metadata/labels/a failed: test failed"}]
     with pytest.raises(PatchError) as ei:
-        json_patch(cur, [{"op": "remove", "path": "/nope"}])
+        json_patch(cur, [{"op": "add", "path": "/metadata/labels/z", "value": "1"}, {"op": "remove", "path": "/nope"}])
     assert ei.value.code == 422
+    assert ei.value.details["causes"][0]["message"] == 'remove operation does not apply: doc is missing path: "/nope": missing value'
+    assert "z" not in cur["metadata"]["labels"]  # never half-applied to the input
     with pytest.raises(PatchError) as ei:
         json_patch(cur, {"op": "add"})
     assert ei.value.code == 400
