@@ -433,9 +433,6 @@ class Handlers:
         obj, raw = await self._body(request)
         if not isinstance(obj, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
-        if obj.get("kind") is None or obj.get("apiVersion") is None:
-            raise errors.bad_request("Object 'Kind' is missing in the request body" if obj.get("kind") is None
-                                     else "Object 'apiVersion' is missing in the request body")
         if t.subresource:
             raise errors.method_not_allowed()
         self._field_validation(t.res, obj, raw, opts)
@@ -447,8 +444,6 @@ class Handlers:
         obj, raw = await self._body(request)
         if not isinstance(obj, dict):
             raise errors.bad_request("the body of the request must be a JSON object")
-        if obj.get("kind") is None or obj.get("apiVersion") is None:
-            raise errors.bad_request("Object 'Kind' is missing in the request body")
         self._field_validation(t.res, obj, raw, opts)
         out = await self.reg.update(t.res, obj, t.namespace, t.name, opts, subresource=t.subresource)
         return json_response(out, 200, headers=_warn_headers(opts))

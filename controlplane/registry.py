@@ -313,10 +313,11 @@ class Registry:
         if not isinstance(obj, dict):
             raise errors.bad_request(f"the body of the request must be a JSON object, not {type(obj).__name__}")
         kind, av = obj.get("kind"), obj.get("apiVersion")
-        if kind is None and av is None:
-            # in-process callers may omit the type; REST bodies without it are rejected by the handler
-            obj = {"apiVersion": res.api_version, "kind": res.kind, **obj}
-        elif kind != res.kind or av != res.api_version:
+        if kind in (None, "") or av in (None, ""):
+            # a missing type is defaulted from the URL, as kube-apiserver's decoder does
+            obj = {**obj, "apiVersion": av or res.api_version, "kind": kind or res.kind}
+            kind, av = obj["kind"], obj["apiVersion"]
+        if kind != res.kind or av != res.api_version:
             raise errors.bad_request(
                 f"the API version in the data ({av}) does not match the expected API version ({res.api_version})"
                 if av != res.api_version
