@@ -239,6 +239,8 @@ def _has_prefix(fs: set[Path], p: Path) -> bool:
 def record_update(
     old: Obj | None, new: Obj, manager: str, *, operation: str = "Update", api_version: str = "v1", subresource: str = ""
 ) -> None:
+    if operation == "Apply":
+        return  # apply() has recorded the applier's set; defaulting afterwards is nobody's
     kind = new.get("kind") or (old or {}).get("kind") or ""
     t = schema.root(kind)
     sent = (new.get("metadata") or {}).get("managedFields")

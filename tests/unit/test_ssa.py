@@ -219,3 +219,11 @@ def test_fieldsv1_roundtrip(lbls, prts):
     obj = {"metadata": {"labels": lbls}, "spec": {"ports": prts, "selector": lbls}}
     fs = fieldset(obj, schema.root("Service"))
     assert decode(encode(fs)) == fs
+
+
+def test_registry_recording_an_apply_again_does_not_duplicate_the_entry():
+    out = server_side_apply(None, svc_config(), "Service", manager="kubectl")
+    before = copy.deepcopy(out["metadata"]["managedFields"])
+    defaulted = stored(out)
+    update_managed_fields(None, defaulted, "kubectl", "Apply", "v1")
+    assert defaulted["metadata"]["managedFields"] == before
