@@ -13,6 +13,7 @@ after a crash at any point (even with no state file: the names alone are exact).
 
 from __future__ import annotations
 
+import fcntl
 import ipaddress
 import json
 import os
@@ -173,19 +174,24 @@ class Lab:
     ) -> Lab:
         """Build the lab; on any failure tear down what was made and raise UserError."""
         lab = cls.plan(name, nodes, subnet, pod_cidr, node_prefix, state_dir)
-        lab._check_free()
         check_kernel()
-        lab._save()  # before any kernel object exists: destroy can always find them
-        try:
-            lab._build()
-        except ns.NsError as e:
-            lab.destroy()
-            raise UserError(
-                f"creating lab {name} failed and was rolled back: {_kernel_hint(str(e))}"
-            ) from None
-        except BaseException:
-            lab.destroy()
-            raise
+        # one creator at a time on this host: two labs checking "is this subnet free?" at the
+        # same moment must not both put the same address on a root link
+        root = state_root()
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / ".create.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lab._check_free()
+            lab._save()  # before any kernel object exists: destroy can always find them
+            try:
+                lab._build()
+            except ns.NsError as e:
+                lab.destroy()
+                hint = _kernel_hint(str(e))
+                raise UserError(f"creating lab {name} failed and was rolled back: {hint}") from None
+            except BaseException:
+                lab.destroy()
+                raise
         lab.status = "ready"
         lab._save()
         return lab
