@@ -30,7 +30,6 @@ import builtins
 import contextlib
 import fcntl
 import os
-import queue
 import sqlite3
 import threading
 from collections import deque
@@ -94,6 +93,40 @@ class _Subscriber:
     overflow: bool = False
 
 
+class _Inbox:
+    """Requests for the writer thread. Unlike queue.Queue, a put wakes the writer only when it is
+    actually waiting: under load the writer is busy committing and puts cost a deque append."""
+
+    def __init__(self) -> None:
+        self._items: deque[_Request] = deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._waiting = False
+
+    def put(self, item: _Request) -> None:
+        self._items.append(item)
+        if self._waiting:
+            with self._cv:
+                self._cv.notify()
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def take(self, max_items: int, wait: bool) -> builtins.list[_Request]:
+        items = self._items
+        if not items and wait:
+            with self._cv:
+                self._waiting = True
+                try:
+                    while not items:
+                        self._cv.wait()
+                finally:
+                    self._waiting = False
+        out: builtins.list[_Request] = []
+        while items and len(out) < max_items:
+            out.append(items.popleft())
+        return out
+
+
 def _connect(path: str, synchronous: str) -> sqlite3.Connection:
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30.0)
     conn.execute("PRAGMA journal_mode=WAL")
@@ -121,7 +154,7 @@ class SQLiteStore:
         self.path = path
         self._synchronous = synchronous.upper()
         self._max_batch = max_batch
-        self._requests: queue.Queue[_Request] = queue.Queue()
+        self._requests = _Inbox()
         self._writer: threading.Thread | None = None
         self._readers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kpx-sqlite-read")
         self._local = threading.local()
@@ -317,17 +350,10 @@ class SQLiteStore:
         assert self._w_conn is not None and self._loop is not None
         stop = False
         while not stop:
-            try:
-                first = self._requests.get(timeout=0 if self._w_compact else None)
-            except queue.Empty:
+            batch = self._requests.take(self._max_batch, wait=not self._w_compact)
+            if not batch:
                 self._compact_chunk()
                 continue
-            batch = [first]
-            while len(batch) < self._max_batch:
-                try:
-                    batch.append(self._requests.get_nowait())
-                except queue.Empty:
-                    break
             writes = []
             for req in batch:
                 if req.op == "stop":
@@ -340,7 +366,7 @@ class SQLiteStore:
                 self._commit_batch(writes)
             if self._w_compact and self._requests.empty():
                 self._compact_chunk()
-        # finish nothing half-way: pending compactions are resumed at the next start
+        # a compaction cut short leaves rows behind; the next one resumes from compact_done
         for _, _, fut in self._w_compact:
             if fut is not None:
                 self._loop.call_soon_threadsafe(_settle, fut, None, StoreError("store closed"))
@@ -420,15 +446,13 @@ class SQLiteStore:
             conn.execute("BEGIN IMMEDIATE")
             if lo < 0:  # first chunk: publish the new compact revision before deleting anything
                 row = conn.execute("SELECT value FROM kine_meta WHERE key = 'compact_rev'").fetchone()
-                lo = int(row[0]) if row else 0
-                if target > lo:
-                    conn.execute(
-                        "INSERT INTO kine_meta (key, value) VALUES ('compact_rev', ?)"
-                        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                        (target,),
-                    )
+                published = int(row[0]) if row else 0
+                row = conn.execute("SELECT value FROM kine_meta WHERE key = 'compact_done'").fetchone()
+                lo = int(row[0]) if row else 0  # rows at or below this are already swept
+                if target > published:
+                    _set_meta(conn, "compact_rev", target)
                 else:
-                    target = lo
+                    target = published
                 self._loop.call_soon_threadsafe(self._set_compacted, target)
             hi = min(target, lo + COMPACT_CHUNK)
             conn.execute(
@@ -436,6 +460,7 @@ class SQLiteStore:
                 " SELECT prev_revision FROM kine WHERE prev_revision > ? AND prev_revision <= ? AND id <= ?))",
                 (lo, hi, lo, hi, target),
             )
+            _set_meta(conn, "compact_done", hi)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -518,6 +543,13 @@ class SQLiteStore:
                 await sub.wake.wait()
         finally:
             self._subs.discard(sub)
+
+
+def _set_meta(conn: sqlite3.Connection, key: str, value: int) -> None:
+    conn.execute(
+        "INSERT INTO kine_meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
 
 
 def _settle(fut: asyncio.Future[Any], value: Any, exc: BaseException | None) -> None:
