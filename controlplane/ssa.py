@@ -244,6 +244,10 @@ def record_update(
     kind = new.get("kind") or (old or {}).get("kind") or ""
     t = schema.root(kind)
     sent = (new.get("metadata") or {}).get("managedFields")
+    if old is None and isinstance(sent, list) and any(
+        isinstance(e, dict) and e.get("manager") == manager and e.get("operation") == "Apply" for e in sent
+    ):
+        return  # a create by server-side apply (upsert): apply() has recorded it
     old_entries = _entries(old)
     if sent == [{}]:  # "Clearing ManagedFields" (api-concepts)
         new.setdefault("metadata", {}).pop("managedFields", None)

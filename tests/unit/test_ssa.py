@@ -227,3 +227,13 @@ def test_registry_recording_an_apply_again_does_not_duplicate_the_entry():
     defaulted = stored(out)
     update_managed_fields(None, defaulted, "kubectl", "Apply", "v1")
     assert defaulted["metadata"]["managedFields"] == before
+
+
+def test_apply_create_then_registry_create_bookkeeping_keeps_the_apply_entry():
+    out = server_side_apply(None, svc_config(), "Service", manager="kubectl")
+    before = copy.deepcopy(out["metadata"]["managedFields"])
+    defaulted = stored(out)
+    update_managed_fields(None, defaulted, "kubectl", "Update", "v1")  # what a registry's create step does
+    assert defaulted["metadata"]["managedFields"] == before
+    again = server_side_apply(defaulted, svc_config(), "Service", manager="kubectl")  # re-apply: no conflict
+    assert [e["operation"] for e in again["metadata"]["managedFields"]] == ["Apply"]
