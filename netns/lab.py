@@ -501,35 +501,35 @@ def _ancestors() -> set[int]:
 
 
 def kill_processes(targets: list[tuple[int, int | None]], grace: float = 2.0) -> None:
-    """SIGTERM each (pid, starttime) still ours, wait up to grace seconds, then SIGKILL the rest."""
+    """SIGTERM each (pid, starttime) still ours, wait up to grace seconds, then SIGKILL the rest.
+
+    A zombie counts as gone. Nothing is reaped here: a container's exit status belongs to
+    whoever holds its Popen (the agent reports it), so waitpid stays with the owner.
+    """
     me = _ancestors()
     live = [(p, s) for p, s in targets if p not in me and ns.kill_pid(p, s, signal.SIGTERM)]
     deadline = time.monotonic() + grace
     while live and time.monotonic() < deadline:
         time.sleep(0.02)
-        _reap()
-        live = [(p, s) for p, s in live if ns.proc_starttime(p) is not None and not _is_zombie(p)]
+        live = [(p, s) for p, s in live if not _gone(p, s)]
     for p, s in live:
         ns.kill_pid(p, s, signal.SIGKILL)
-    _reap()
+    deadline = time.monotonic() + 5
+    while live and time.monotonic() < deadline:  # SIGKILL is quick, but asynchronous
+        live = [(p, s) for p, s in live if not _gone(p, s)]
+        if live:
+            time.sleep(0.01)
 
 
-def _is_zombie(pid: int) -> bool:
+def _gone(pid: int, start: int | None) -> bool:
+    """Exited (or a zombie), or the PID now belongs to another process."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             data = f.read()
-        return data[data.rfind(b")") + 2 :].split()[0] == b"Z"
     except OSError:
         return True
-
-
-def _reap() -> None:
-    """Collect our own exited children (holders/containers we spawned) so they don't linger."""
-    try:
-        while os.waitpid(-1, os.WNOHANG)[0] > 0:
-            pass
-    except ChildProcessError:
-        pass
+    fields = data[data.rfind(b")") + 2 :].split()
+    return fields[0] == b"Z" or (start is not None and int(fields[19]) != start)
 
 
 def destroy(name: str, state_dir: str | os.PathLike[str] | None = None) -> None:

@@ -19,6 +19,11 @@ from tests.integration.netprobe import parse, probe
 pytestmark = pytest.mark.netns
 
 
+def _exited(pid: int) -> bool:
+    """Gone, or a zombie waiting for its parent (this test process) to collect it."""
+    return ns.proc_starttime(pid) is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+
+
 def _run(sb: Sandbox, argv: list[str]) -> str:
     p = subprocess.run(sb.enter_argv(argv), capture_output=True, text=True, timeout=15)
     assert p.returncode == 0, p.stderr
@@ -63,7 +68,7 @@ def test_container_restart_keeps_sandbox_and_ip(lab: Lab) -> None:
         first = sb.container_pid("main")
         assert first is not None
         sb.stop_container("main", grace=1)
-        assert ns.proc_starttime(first) is None, "the old container process is gone (and reaped)"
+        assert _exited(first), "the old container process is gone"
         assert sb.alive(), "the sandbox outlives its containers"
         sb.start_container("main", image_argv("kpx/echo"))
         sb.wait_listening(8080)
@@ -117,10 +122,7 @@ def test_destroy_removes_netns_veth_and_lease(lab: Lab) -> None:
     assert ip not in ipam.leases()
     assert not Sandbox.record_path(lab.state_dir, sb.netns).exists()
     for pid in (holder, main):
-        assert pid is not None
-        assert (
-            ns.proc_starttime(pid) is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
-        )
+        assert pid is not None and _exited(pid)
     sb.destroy()  # idempotent
 
 
