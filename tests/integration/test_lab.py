@@ -292,3 +292,17 @@ def test_destroy_after_sigkill(kill_all: bool) -> None:
         st = ns.proc_starttime(pid)
         assert st is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
     destroy(name)  # idempotent without any state left
+
+
+def test_ip_shell_reports_the_failing_line_and_recovers(lab: Lab) -> None:
+    n = lab.node(1)
+    sh = ns.ip_shell(n.netns)
+    sh.run(["link add kpxtst0 type bridge", "link set kpxtst0 up"])
+    try:
+        with pytest.raises(ns.NsError, match="kpxtst0|exists"):
+            sh.run(["link add kpxtst0 type bridge"])  # already exists: ip exits, we see why
+        sh.run(["link set kpxtst0 down"])  # a fresh shell takes over
+        assert "UP" not in ns.ip_json(["link", "show", "kpxtst0"], n.netns)[0]["flags"]
+    finally:
+        sh.run(["link del kpxtst0"])
+    assert not [lk for lk in ns.ip_json(["link", "show"], n.netns) if lk["ifname"] == "kpxtst0"]
