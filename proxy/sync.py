@@ -51,6 +51,7 @@ class RunSchedule:
     last_run: float = field(init=False, default=-math.inf)
     next_at: float = field(init=False)  # the next scheduled attempt (max interval or retry)
     pending: bool = field(init=False, default=False)
+    retry_at: float | None = field(init=False, default=None)  # survives the end of the current run
 
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
@@ -69,8 +70,11 @@ class RunSchedule:
         self.pending = True
 
     def retry_after(self, now: float, interval: float) -> None:
-        """Run no later than `interval` from now (upstream's RetryAfter)."""
-        self.next_at = min(self.next_at, now + interval)
+        """Run no later than `interval` from now (upstream's RetryAfter); asked from inside a
+        run, it still holds after that run ends."""
+        at = now + interval
+        self.retry_at = at if self.retry_at is None else min(self.retry_at, at)
+        self.next_at = min(self.next_at, at)
 
     def due(self, now: float) -> bool:
         return self.pending or now >= self.next_at
@@ -81,6 +85,8 @@ class RunSchedule:
         if self.tokens >= 1.0 - 1e-9:
             self.tokens -= 1.0
             self.pending = False
+            if self.retry_at is not None and self.retry_at <= now:
+                self.retry_at = None  # this run is the retry
             return True
         # can't run now: try again when the next token arrives
         wait = (1.0 - self.tokens) * self.min_interval
@@ -91,6 +97,9 @@ class RunSchedule:
         """A run finished at `now`: the max-interval timer restarts."""
         self.last_run = now
         self.next_at = now + self.max_interval
+        if self.retry_at is not None:
+            self.next_at = min(self.next_at, self.retry_at)
+            self.retry_at = None
 
 
 

@@ -59,6 +59,17 @@ def test_retry_after_brings_the_next_run_forward():
     assert s.next_at == 40.0
 
 
+def test_retry_asked_during_a_run_survives_the_run_end():
+    s = RunSchedule(min_interval=1.0, max_interval=3600.0, now=0.0)
+    assert s.try_run(0.0)
+    s.retry_after(0.5, 30.0)  # the sync failed: RetryAfter(syncPeriod)
+    s.ran(1.0)
+    assert s.next_at == 30.5
+    assert s.try_run(30.5)
+    s.ran(31.0)
+    assert s.next_at == 3631.0  # the retry happened; back to the max interval
+
+
 def test_zero_min_interval_never_limits():
     s = RunSchedule(min_interval=0.0, max_interval=3600.0, now=0.0)
     assert all(s.try_run(0.0) for _ in range(10))
