@@ -337,6 +337,12 @@ def destroy_many(sandboxes: builtins.list[Sandbox], grace: float = 2.0) -> None:
         targets += [(c["pid"], c["start"]) for c in sb.containers.values()]
         if sb.holder_pid and sb.holder_start is not None:
             targets.append((sb.holder_pid, sb.holder_start))
+    # plus anything living in the pods' netns the records missed (a crash between starting a
+    # process and saving its PID): such a process would keep the netns and its veth alive
+    inodes = {i for i in (ns.netns_inode(sb.netns) for sb in sandboxes) if i is not None}
+    known = {p for p, _ in targets}
+    for pids in ns.pids_in_netns(inodes).values():
+        targets += [(p, ns.proc_starttime(p)) for p in pids if p not in known]
     kill_processes(targets, grace=grace)
     by_node: dict[str, list[str]] = {}
     for sb in sandboxes:

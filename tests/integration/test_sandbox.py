@@ -213,3 +213,20 @@ def test_bridged_same_node_traffic_traverses_node_iptables(lab: Lab) -> None:
     finally:
         lab.delete_pod("default", a)
         lab.delete_pod("default", b)
+
+
+def test_destroy_kills_unrecorded_processes_in_the_pod(lab: Lab) -> None:
+    """A process that joined the pod but never made it into the record (agent crashed right
+    after starting it) must not keep the netns and its veth alive."""
+    name = unique_pod("stray")
+    sb = Sandbox.create(lab, 1, "default", name)
+    stray = subprocess.Popen(sb.enter_argv(["sleep", "300"]))
+    try:
+        sb.destroy(grace=1)
+        stray.wait(timeout=5)
+        assert not ns.netns_exists(sb.netns)
+        assert sb.veth_host not in {lk["ifname"] for lk in ns.ip_json(["link", "show"], lab.node(1).netns)}
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
