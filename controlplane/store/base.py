@@ -97,7 +97,12 @@ class Store(Protocol):
 
     def watch(self, prefix: str, from_revision: int) -> AsyncIterator[Event]:
         """Every event under prefix with revision > from_revision, in revision order, forever.
-        Raises Compacted if from_revision is older than the kept history."""
+        Raises Compacted if from_revision < compacted_revision() (from this call when the store
+        already knows, else from the first __anext__). Close it with `aclose()`."""
         ...
 
-    async def compact(self, revision: int) -> None: ...
+    async def compact(self, revision: int) -> None:
+        """Drop history before `revision`: afterwards list(revision=R) and watch(from_revision=R)
+        work for R >= revision and raise Compacted for R < revision. No-op if already compacted
+        there; FutureRevision if revision > current_revision()."""
+        ...
