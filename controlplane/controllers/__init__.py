@@ -30,6 +30,7 @@ from controlplane.controllers.namespace import NamespaceController
 from controlplane.controllers.nodeipam import NodeIpamController
 from controlplane.controllers.podgc import PodLifecycleController
 from controlplane.controllers.scheduler import Scheduler
+from kpx.errors import UserError
 
 log = logging.getLogger("kpx.controllers")
 
@@ -77,7 +78,7 @@ class ControllerSet:
         want = set(config.controllers)
         unknown = want - set(ALL_CONTROLLERS)
         if unknown:
-            raise ValueError(f"unknown controllers: {', '.join(sorted(unknown))} (known: {', '.join(ALL_CONTROLLERS)})")
+            raise UserError(f"--controllers: unknown {', '.join(sorted(unknown))}; known: {', '.join(ALL_CONTROLLERS)}")
         if "endpointslice" in want:
             self.controllers["endpointslice"] = EndpointSliceController(
                 registry, self.informers, config.max_endpoints_per_slice)
@@ -90,9 +91,12 @@ class ControllerSet:
         if "podgc" in want:
             self.controllers["podgc"] = PodLifecycleController(registry, self.informers)
         if "nodeipam" in want and config.allocate_node_cidrs:
-            self.controllers["nodeipam"] = NodeIpamController(
-                registry, self.informers, config.cluster_cidrs,
-                config.node_cidr_mask_size_ipv4, config.node_cidr_mask_size_ipv6)
+            try:
+                self.controllers["nodeipam"] = NodeIpamController(
+                    registry, self.informers, config.cluster_cidrs,
+                    config.node_cidr_mask_size_ipv4, config.node_cidr_mask_size_ipv6)
+            except ValueError as e:
+                raise UserError(f"--cluster-cidr: {e}") from None
         self._tasks: list[asyncio.Task[None]] = []
 
     def __getitem__(self, name: str) -> Controller[Any]:
