@@ -129,7 +129,9 @@ def in_netns(name: str, fn: Callable[[], T]) -> T:
     """Call fn() in a thread that has joined netns `name`; the caller's thread never moves.
 
     setns(CLONE_NEWNET) is per thread, and the helper thread exits afterwards, so even an
-    exception cannot leave any thread of this process in the wrong namespace.
+    exception cannot leave any thread of this process in the wrong namespace. Sockets and
+    /proc/sys/net follow the thread; /proc/net is /proc/self/net (the main thread's netns), so
+    read /proc/thread-self/net/... inside fn, or /proc/<pid>/net/... of a process in the netns.
     """
     result: list[T] = []
     error: list[BaseException] = []
