@@ -112,10 +112,12 @@ class Iptables:
         # legacy xtables serialises writers with /run/xtables.lock, shared by every netns
         return ["-w", "10"] if self.backend == "legacy" else []
 
-    def restore(self, payload: str | bytes, *, test: bool = False) -> None:
-        """One `iptables-restore --noflush --counters` transaction (all tables or none)."""
+    def restore(self, payload: str | bytes, *, test: bool = False, noflush: bool = True) -> None:
+        """One `iptables-restore --noflush --counters` transaction (all tables or none).
+        noflush=False replaces the payload's tables whole: only for an empty throw-away netns
+        (the bench populates one that way; iptables-nft 1.8.9 --noflush is quadratic)."""
         data = payload.encode() if isinstance(payload, str) else payload
-        argv = [f"iptables-{self.backend}-restore", "--noflush", "--counters", *self._wait()]
+        argv = [f"iptables-{self.backend}-restore", *(["--noflush"] if noflush else []), "--counters", *self._wait()]
         if test:
             argv.append("--test")
         _run(argv, netns=self.netns, stdin=data, timeout=120)
