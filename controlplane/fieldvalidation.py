@@ -39,25 +39,30 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
+_LEAF = ("any", "scalar")
+
+
 def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: bool, smp: bool = False) -> None:
-    if t is None or t.kind in ("any", "scalar"):
+    if t is None or t.kind in _LEAF:
         return
     if t.kind == "struct" and isinstance(v, dict):
+        fields = t.fields
         for k in list(v):
-            if smp and k.startswith("$"):
-                continue  # strategic merge directives: $patch, $retainKeys, $setElementOrder/..., ...
-            ft = t.fields.get(k)
+            ft = fields.get(k)
             if ft is None:
+                if smp and k.startswith("$"):
+                    continue  # strategic merge directives: $patch, $retainKeys, $setElementOrder/..., ...
                 out.append(Problem("unknown", _join(path, k)))
                 if prune:
                     del v[k]
-            else:
+            elif ft.kind not in _LEAF:
                 _walk_unknown(v[k], ft, _join(path, k), out, prune, smp)
     elif t.kind == "map" and isinstance(v, dict):
-        for k, x in v.items():
-            if not (smp and k.startswith("$")):
-                _walk_unknown(x, t.elem, _join(path, k), out, prune, smp)
-    elif t.kind == "list" and isinstance(v, list):
+        if t.elem is not None and t.elem.kind not in _LEAF:
+            for k, x in v.items():
+                if not (smp and k.startswith("$")):
+                    _walk_unknown(x, t.elem, _join(path, k), out, prune, smp)
+    elif t.kind == "list" and isinstance(v, list) and t.elem is not None and t.elem.kind not in _LEAF:
         for i, x in enumerate(v):
             _walk_unknown(x, t.elem, f"{path}[{i}]", out, prune, smp)
 

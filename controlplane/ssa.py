@@ -236,6 +236,75 @@ def _has_prefix(fs: set[Path], p: Path) -> bool:
 # ---------------------------------------------------------------- Update / create bookkeeping
 
 
+def _granular(t: Type | None, *kinds: str) -> bool:
+    return t is None or (t.kind in kinds and not t.atomic)
+
+
+def _diff(a: Any, b: Any, t: Type | None, prefix: Path, changed: set[Path], removed: set[Path]) -> None:
+    """One walk over old (a) and new (b): paths set or changed in b, paths gone from a."""
+    if a == b:
+        return
+    if a is _MISSING:
+        _collect(b, t, prefix, changed)
+        return
+    if isinstance(a, dict) and isinstance(b, dict) and b and _granular(t, "struct", "map"):
+        for k, v in b.items():
+            _diff(a.get(k, _MISSING), v, _field(t, k), (*prefix, "f:" + k), changed, removed)
+        for k, v in a.items():
+            if k not in b:
+                _collect(v, _field(t, k), (*prefix, "f:" + k), removed)
+        if not a and prefix:
+            removed.add(prefix)  # {} was a leaf
+        return
+    if (isinstance(a, list) and isinstance(b, list) and b and t is not None and t.kind == "list"
+            and t.list_type in ("map", "set")):
+        lt = t
+
+        def key(x: Any) -> str:
+            return _item_key(x, lt) if lt.list_type == "map" else "v:" + _dumps(x)
+
+        old_items = {key(x): x for x in a}
+        new_keys: set[str] = set()
+        for item in b:
+            k = key(item)
+            new_keys.add(k)
+            p = (*prefix, k)
+            if k not in old_items:
+                changed.add(p)
+                if lt.list_type == "map" and isinstance(item, dict):
+                    for f, v in item.items():
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), changed)
+            elif lt.list_type == "map" and isinstance(item, dict) and isinstance(old_items[k], dict):
+                oi = old_items[k]
+                for f, v in item.items():
+                    _diff(oi.get(f, _MISSING), v, _field(lt.elem, f), (*p, "f:" + f), changed, removed)
+                for f, v in oi.items():
+                    if f not in item:
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed)
+        for k, x in old_items.items():
+            if k not in new_keys:
+                p = (*prefix, k)
+                removed.add(p)
+                if lt.list_type == "map" and isinstance(x, dict):
+                    for f, v in x.items():
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed)
+        if not a and prefix:
+            removed.add(prefix)
+        return
+    # a leaf (or a change of shape): the new value is owned here, the old one's paths are gone
+    if prefix:
+        changed.add(prefix)
+    old_paths: set[Path] = set()
+    _collect(a, t, prefix, old_paths)
+    removed |= old_paths - {prefix}
+    if isinstance(b, dict | list) and b:
+        sub: set[Path] = set()
+        _collect(b, t, prefix, sub)
+        if prefix not in sub:
+            changed.discard(prefix)
+        changed |= sub
+
+
 def record_update(
     old: Obj | None, new: Obj, manager: str, *, operation: str = "Update", api_version: str = "v1", subresource: str = ""
 ) -> None:
@@ -254,27 +323,21 @@ def record_update(
         return
     entries = _entries(new) if isinstance(sent, list) and sent != (old or {}).get("metadata", {}).get("managedFields") else old_entries
     new_view = _strip(new, kind, subresource)
-    new_fs = fieldset(new_view, t)
+    changed: set[Path] = set()
+    removed: set[Path] = set()
     if old is None:
-        changed = new_fs
-        removed: set[Path] = set()
+        changed = fieldset(new_view, t)
     else:
         old_view = _strip(old, kind, subresource)
-        old_fs = fieldset(old_view, t)
-        changed = set()
-        parents = {q[:i] for q in new_fs for i in range(1, len(q))}
-        for p in new_fs:
-            a, _ = _get(old_view, p, t)
-            if a is _MISSING:
-                changed.add(p)
-            elif p not in parents:  # a list item with owned children changes through them
-                b, _ = _get(new_view, p, t)
-                if a != b:
-                    changed.add(p)
-        removed = old_fs - new_fs
-        if not entries and old_fs and (changed or removed):
+        _diff(old_view, new_view, t, (), changed, removed)
+        if not changed and not removed:
+            _set_entries(new, entries)
+            return
+        if not entries:
             # objects written before field tracking: their fields belong to before-first-apply
-            entries = [_entry("before-first-apply", "Update", api_version, "", old_fs - changed - removed)]
+            before = fieldset(old_view, t) - changed - removed
+            if before:
+                entries = [_entry("before-first-apply", "Update", api_version, "", before)]
     me = (manager, operation, api_version, subresource)
     mine: Obj | None = None
     for e in entries:

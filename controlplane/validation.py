@@ -18,6 +18,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Any, TypeGuard
 
 from controlplane import fielderrors as fe
@@ -513,19 +514,32 @@ def validate_service_update(new: Obj, old: Obj, ip_families: tuple[str, ...] = (
 ADDRESS_TYPES = ("FQDN", "IPv4", "IPv6")
 
 
-def _endpoint_ip(addr: str, path: str, version: int) -> list[FieldError]:
+_LL_MCAST = (ipaddress.ip_network("224.0.0.0/24"), ipaddress.ip_network("ff02::/16"))
+
+
+@lru_cache(maxsize=65536)
+def _endpoint_ip_problem(addr: Any, version: int) -> str:
+    """'' when fine; cached because controllers rewrite the same addresses over and over."""
     a = _ip(addr, version)
     if a is None:
-        return [fe.invalid(path, addr, f"must be a valid IPv{version} address")]
+        return f"must be a valid IPv{version} address"
     if a.is_unspecified:
-        return [fe.invalid(path, addr, f"may not be unspecified ({addr})")]
+        return f"may not be unspecified ({addr})"
     if a.is_loopback:
-        return [fe.invalid(path, addr, "may not be in the loopback range (127.0.0.0/8, ::1/128)")]
+        return "may not be in the loopback range (127.0.0.0/8, ::1/128)"
     if a.is_link_local:
-        return [fe.invalid(path, addr, "may not be in the link-local range (169.254.0.0/16, fe80::/10)")]
-    if a in ipaddress.ip_network("224.0.0.0/24") or a in ipaddress.ip_network("ff02::/16"):
-        return [fe.invalid(path, addr, "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)")]
-    return []
+        return "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+    if any(a in n for n in _LL_MCAST if n.version == a.version):
+        return "may not be in the link-local multicast range (224.0.0.0/24, ff02::/10)"
+    return ""
+
+
+def _endpoint_ip(addr: Any, path: str, version: int) -> list[FieldError]:
+    try:
+        msg = _endpoint_ip_problem(addr, version)
+    except TypeError:  # unhashable: not an address at all
+        msg = f"must be a valid IPv{version} address"
+    return [fe.invalid(path, addr, msg)] if msg else []
 
 
 def validate_endpointslice(es: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[FieldError]:

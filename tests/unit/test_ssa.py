@@ -237,3 +237,40 @@ def test_apply_create_then_registry_create_bookkeeping_keeps_the_apply_entry():
     assert defaulted["metadata"]["managedFields"] == before
     again = server_side_apply(defaulted, svc_config(), "Service", manager="kubectl")  # re-apply: no conflict
     assert [e["operation"] for e in again["metadata"]["managedFields"]] == ["Apply"]
+
+
+def _reference_diff(old, new, t):
+    """The definition _diff implements: owned paths of new that are new or whose leaf value changed;
+    owned paths of old that new no longer has."""
+    from controlplane.ssa import _MISSING, _get
+
+    new_fs, old_fs = fieldset(new, t), fieldset(old, t)
+    parents = {q[:i] for q in new_fs for i in range(1, len(q))}
+    changed = set()
+    for p in new_fs:
+        a, _ = _get(old, p, t)
+        if a is _MISSING or (p not in parents and a != _get(new, p, t)[0]):
+            changed.add(p)
+    return changed, old_fs - new_fs
+
+
+svc_specs = st.fixed_dictionaries({}, optional={
+    "ports": ports, "selector": labels, "type": st.sampled_from(["ClusterIP", "NodePort"]),
+    "externalIPs": st.lists(st.sampled_from(["1.1.1.1", "2.2.2.2"]), max_size=2),
+    "sessionAffinityConfig": st.fixed_dictionaries({}, optional={"clientIP": st.fixed_dictionaries(
+        {}, optional={"timeoutSeconds": st.integers(1, 3)})})})
+
+
+@settings(max_examples=300, deadline=None)
+@given(labels, svc_specs, labels, svc_specs)
+def test_diff_matches_its_definition(l1, s1, l2, s2):
+    from controlplane.ssa import _diff
+
+    t = schema.root("Service")
+    old = {"metadata": {"labels": l1}, "spec": s1}
+    new = {"metadata": {"labels": l2}, "spec": s2}
+    changed, removed = set(), set()
+    _diff(old, new, t, (), changed, removed)
+    want_changed, want_removed = _reference_diff(old, new, t)
+    assert changed == want_changed
+    assert removed - fieldset(new, t) == want_removed
