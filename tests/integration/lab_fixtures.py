@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 
 from kpx.errors import UserError
+from netns import ns
 from netns.lab import Lab
 
 _pod_counter = itertools.count(1)
@@ -32,13 +33,29 @@ def unique_lab_name(prefix: str = "t") -> str:
     return (prefix + secrets.token_hex(5))[:10]
 
 
+def _random_subnet(rng: random.Random) -> str:
+    n = rng.randrange(512)
+    return f"198.{18 + n // 256}.{n % 256}.0/24"
+
+
+def free_subnet() -> str:
+    """A /24 of 198.18.0.0/15 that no root-netns link uses right now."""
+    used = {
+        a["local"].rsplit(".", 1)[0] for link in ns.ip_json(["-4", "addr", "show"]) for a in link["addr_info"]
+    }
+    rng = random.Random(secrets.randbits(32))
+    while True:
+        subnet = _random_subnet(rng)
+        if subnet.rsplit(".", 1)[0] not in used:
+            return subnet
+
+
 def make_lab(nodes: int = 2, prefix: str = "t") -> Lab:
     """Create a lab with a unique name on a free /24 of 198.18.0.0/15 (retries on overlap)."""
     rng = random.Random(os.getpid() ^ secrets.randbits(32))
     last: UserError | None = None
     for _ in range(20):
-        n = rng.randrange(512)
-        subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
+        subnet = _random_subnet(rng)
         try:
             return Lab.create(unique_lab_name(prefix), nodes=nodes, subnet=subnet)
         except UserError as e:

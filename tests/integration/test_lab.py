@@ -17,7 +17,7 @@ from kpx.errors import UserError
 from netns import ns
 from netns.images import image_argv
 from netns.lab import Lab, destroy, state_root, sync_node_routes
-from tests.integration.lab_fixtures import make_lab, unique_lab_name
+from tests.integration.lab_fixtures import free_subnet, make_lab, unique_lab_name
 from tests.integration.netprobe import parse, probe
 
 pytestmark = pytest.mark.netns
@@ -223,7 +223,7 @@ def test_user_errors_make_nothing(lab: Lab) -> None:
     with pytest.raises(UserError, match="does not fit"):
         Lab.create(name, nodes=500, subnet="198.18.0.0/24")
     with pytest.raises(UserError, match="already exists"):
-        Lab.create(lab.name, nodes=1, subnet="198.19.255.0/24")
+        Lab.create(lab.name, nodes=1, subnet=free_subnet())
     with pytest.raises(UserError, match="overlaps"):
         Lab.create(name, nodes=1, subnet=lab.subnet)
     with pytest.raises(UserError, match="invalid"):
@@ -245,7 +245,7 @@ def test_failed_build_rolls_back(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(ns, "ip_batch", failing)
     with pytest.raises(UserError, match="rolled back"):
-        Lab.create(name, nodes=2, subnet="198.19.254.0/24")
+        Lab.create(name, nodes=2, subnet=free_subnet())
     assert not [n for n in ns.list_netns() if n.startswith(f"kpx-{name}-")]
     assert not os.path.exists(f"/sys/class/net/kpx0-{name}")
     assert not (state_root() / name).exists()
@@ -269,7 +269,7 @@ def test_destroy_after_sigkill(kill_all: bool) -> None:
     """SIGKILL the creating process (and, in one case, every holder and container too): destroy
     still removes everything, killing the survivors it recorded."""
     name = unique_lab_name("k")
-    subnet = f"198.19.{252 + kill_all}.0/24"
+    subnet = free_subnet()
     p = subprocess.Popen([sys.executable, "-c", _CRASHER, name, subnet], stdout=subprocess.PIPE, text=True)
     try:
         assert p.stdout is not None and p.stdout.readline().strip() == "up"
