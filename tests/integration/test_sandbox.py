@@ -230,3 +230,38 @@ def test_destroy_kills_unrecorded_processes_in_the_pod(lab: Lab) -> None:
         if stray.poll() is None:
             stray.kill()
             stray.wait()
+
+
+def test_hairpin_pod_reaches_itself_through_a_dnat_vip(lab: Lab) -> None:
+    """What kube-proxy does for a pod that hits its own Service: DNAT in the node netns sends
+    the packet back out of the same cni0 port (hairpin on) and MASQUERADE makes the reply come
+    back through the node. Proves hairpin_mode + br_netfilter + forwarding in one packet."""
+    name = unique_pod("hp")
+    ip = lab.add_pod(1, "default", name)
+    node = lab.node(1)
+    vip = "10.96.250.250"
+    tag = ["-m", "comment", "--comment", f"kpx-test-{name}"]
+    dnat = [
+        "PREROUTING",
+        "-d",
+        vip,
+        "-p",
+        "tcp",
+        "--dport",
+        "80",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        f"{ip}:8080",
+    ]
+    masq = ["POSTROUTING", "-s", ip, "-d", ip, "-j", "MASQUERADE"]
+    ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-A", *dnat, *tag]))
+    ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-A", *masq, *tag]))
+    try:
+        got = parse(probe(lab.pod("default", name).enter_argv([]), "tcp", vip, 80))
+        assert got["pod"] == name and got["ip"] == ip
+        assert got["client"].split(":")[0] == node.bridge_ip  # masqueraded to cni0's address
+    finally:
+        ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-D", *dnat, *tag]))
+        ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-D", *masq, *tag]))
+        lab.delete_pod("default", name)
