@@ -250,25 +250,25 @@ class Lab:
                 f"link set {self.host_link} up",
             ]
         )
-        # Underlay: a plain L2 bridge; every node's eth0 and the ext client plug into it.
+        # Underlay: a plain L2 bridge; every node's eth0 and the ext client plug into it. IPv4
+        # only: no IPv6 link-local autoconf on the underlay (`addrgenmode none`), so no RS/DAD
+        # multicast ever reaches the host link.
         underlay = [
             "link set lo up",
             f"link add {br} type bridge",
+            f"link set {br} addrgenmode none",
             f"link set {br} up",
             f"link set host master {br}",
+            "link set host addrgenmode none",
+            "link set host up",
         ]
-        underlay.append("link set host up")
-        for n in self.nodes:
+        for port, peer_ns in [(n.name, n.netns) for n in self.nodes] + [("ext", self.ext_netns)]:
             underlay += [
-                f"link add {n.name} type veth peer name eth0 netns {n.netns}",
-                f"link set {n.name} master {br}",
-                f"link set {n.name} up",
+                f"link add {port} type veth peer name eth0 netns {peer_ns}",
+                f"link set {port} master {br}",
+                f"link set {port} addrgenmode none",
+                f"link set {port} up",
             ]
-        underlay += [
-            f"link add ext type veth peer name eth0 netns {self.ext_netns}",
-            f"link set ext master {br}",
-            "link set ext up",
-        ]
         ns.ip_batch(underlay, self.net_netns)
         ns.set_sysctls(self.net_netns, {"net.bridge.bridge-nf-call-iptables": "0"})
         routes = host_gw_routes(self.nodes)
@@ -277,6 +277,7 @@ class Lab:
             lines = [
                 "link set lo up",
                 f"addr add {n.ip}/{n.prefixlen} dev eth0",
+                "link set eth0 addrgenmode none",
                 "link set eth0 up",
                 f"link add {n.bridge} type bridge",
                 f"addr add {n.bridge_ip}/{nb} dev {n.bridge}",
@@ -294,7 +295,13 @@ class Lab:
                 },
             )
         ns.ip_batch(
-            ["link set lo up", f"addr add {self.ext_ip}/{plen} dev eth0", "link set eth0 up"], self.ext_netns
+            [
+                "link set lo up",
+                f"addr add {self.ext_ip}/{plen} dev eth0",
+                "link set eth0 addrgenmode none",
+                "link set eth0 up",
+            ],
+            self.ext_netns,
         )
 
     def _save(self) -> None:

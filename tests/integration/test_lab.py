@@ -141,6 +141,7 @@ def test_topology(lab: Lab) -> None:
         links = {lk["ifname"]: lk for lk in ns.ip_json(["addr", "show"], n.netns)}
         assert set(links) >= {"lo", "eth0", "cni0"}
         assert [a["local"] for a in links["eth0"]["addr_info"] if a["family"] == "inet"] == [n.ip]
+        assert [a for a in links["eth0"]["addr_info"] if a["family"] == "inet6"] == []  # IPv4-only underlay
         assert [a["local"] for a in links["cni0"]["addr_info"] if a["family"] == "inet"] == [n.bridge_ip]
         assert ns.get_sysctl(n.netns, "net.ipv4.ip_forward") == "1"
         assert ns.get_sysctl(n.netns, "net.bridge.bridge-nf-call-iptables") == "1"
@@ -165,6 +166,8 @@ def test_topology(lab: Lab) -> None:
     # the root netns keeps its own forwarding setting; the lab never changes it
     with open("/proc/sys/net/ipv4/ip_forward") as f:
         assert f.read().strip() == ROOT_IP_FORWARD
+    host = ns.ip_json(["addr", "show", "dev", lab.host_link])[0]["addr_info"]
+    assert [(a["family"], a["local"]) for a in host] == [("inet", lab.host_ip)]
     loaded = Lab.load(lab.name)
     assert loaded.nodes == lab.nodes and loaded.ext_netns == f"kpx-{lab.name}-ext"
 
