@@ -274,3 +274,24 @@ def test_diff_matches_its_definition(l1, s1, l2, s2):
     want_changed, want_removed = _reference_diff(old, new, t)
     assert changed == want_changed
     assert removed - fieldset(new, t) == want_removed
+
+
+@pytest.mark.parametrize("ver", VERSIONS)
+def test_kubectl_csa_to_ssa_migration(ver):
+    """kubectl >= 1.26 moves client-side-apply ownership to its SSA manager with a JSON patch of
+    metadata.managedFields (csaupgrade); the bookkeeping must keep what the client sent."""
+    from controlplane.patch import json_patch
+
+    p = PAYLOADS[f"ssa_migrate_service@{ver}"]
+    live = p["live"]
+    assert [e["manager"] for e in live["metadata"]["managedFields"]] == ["kubectl-client-side-apply"]
+    (mig,) = [f for f in p["followups"] if f["content_type"] == "application/json-patch+json"]
+    assert "fieldManager=kubectl&" in mig["path"]
+    migrated = json_patch(live, json.loads(mig["body"]))
+    update_managed_fields(live, migrated, "kubectl", "Update", "v1")
+    assert [(e["manager"], e["operation"]) for e in migrated["metadata"]["managedFields"]] == [("kubectl", "Apply")]
+    # now a changed apply by kubectl conflicts with nobody
+    cfg = json.loads(p["body"])
+    cfg["spec"]["ports"][0]["targetPort"] = 8090
+    out = server_side_apply(migrated, cfg, "Service", manager="kubectl")
+    assert out["spec"]["ports"][0]["targetPort"] == 8090

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 HERE = Path(__file__).parent
 KUBECTLS = {"1.27": "/usr/lib/google-cloud-sdk/bin/kubectl.1.27", "1.33": "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"}
 LAST = "kubectl.kubernetes.io/last-applied-configuration"
@@ -75,6 +76,15 @@ def _live(manifest: dict[str, Any], server_fields: bool = True) -> dict[str, Any
             p.setdefault("protocol", "TCP")
             p.setdefault("targetPort", p["port"])
     return live
+
+
+def _csa_managed(live: dict[str, Any]) -> dict[str, Any]:
+    """A live object as kpx stores it after `kubectl apply` (client-side): one Update entry."""
+    from controlplane.ssa import record_update
+
+    out = json.loads(json.dumps(live))
+    record_update(None, out, "kubectl-client-side-apply", operation="Update", api_version="v1")
+    return out
 
 
 class Recorder(BaseHTTPRequestHandler):
@@ -145,6 +155,9 @@ def main() -> int:
                         ["apply", "--server-side", "--validate=false", "-f", "@M"]),
         "ssa_service_force": (_live(SVC_V1), SVC_V2,
                               ["apply", "--server-side", "--force-conflicts", "--validate=false", "-f", "@M"]),
+        # kubectl >= 1.26 first migrates client-side-apply ownership to its SSA manager (csaupgrade)
+        "ssa_migrate_service": (_csa_managed(_live(SVC_V1)), SVC_V1,
+                                ["apply", "--server-side", "--validate=false", "-f", "@M"]),
         "label_service": (_live(SVC_V1), None, ["label", "svc", "web", "tier-", "team=net"]),
         "patch_service_smp": (_live(SVC_V1), None,
                               ["patch", "svc", "web", "-p", '{"spec":{"ports":[{"port":443,"$patch":"delete"}]}}']),
