@@ -114,27 +114,36 @@ class Informer:
 
     # --- the loop ---
     async def run(self) -> None:
+        """List, then watch from the list's RV. A watch that just ends (the server closed a slow
+        or timed-out stream) is resumed from the last RV seen; an ERROR (410 Expired: history
+        gone) or a failure means a relist."""
         backoff = 0.05
+        need_list = True
         while True:
             try:
-                items, rv = await self.registry.list(self.resource)
-                self._replace(items)
-                self.last_rv = rv
-                self.synced.set()
-                backoff = 0.05
-                async for etype, obj in self.registry.watch(self.resource, resource_version=rv):
+                if need_list:
+                    items, rv = await self.registry.list(self.resource)
+                    self._replace(items)
+                    self.last_rv = rv
+                    self.synced.set()
+                    need_list = False
+                async for etype, obj in self.registry.watch(self.resource, resource_version=self.last_rv):
                     if etype == "ERROR":
-                        log.info("component=controllers informer=%s watch error %s; relisting", self.resource, obj)
+                        log.info("component=controllers informer=%s watch error %s; relisting",
+                                 self.resource, obj.get("message") if isinstance(obj, dict) else obj)
+                        need_list = True
                         break
-                    if etype == "BOOKMARK":
-                        self.last_rv = rv_of(obj) or self.last_rv
-                        continue
-                    self._apply(etype, obj)
+                    if etype != "BOOKMARK":
+                        self._apply(etype, obj)
                     self.last_rv = rv_of(obj) or self.last_rv
+                    backoff = 0.05
+                else:
+                    await asyncio.sleep(0)  # ended cleanly: resume from last_rv
             except asyncio.CancelledError:
                 raise
-            except Exception as e:  # the registry closed the watch or failed: relist after a pause
-                log.info("component=controllers informer=%s watch ended (%s); relisting", self.resource, e)
+            except Exception as e:  # the registry failed: relist after a pause
+                log.info("component=controllers informer=%s watch failed (%s); relisting", self.resource, e)
+                need_list = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
 
