@@ -215,6 +215,8 @@ class PodWorker:
         self.tasks: list[asyncio.Task[Any]] = []
         self.error = ""
         self.task: asyncio.Task[None] | None = None
+        self.after: asyncio.Task[None] | None = None  # worker of the previous pod with this name
+        self.stale: Sandbox | None = None  # that pod's sandbox found on disk, to remove first
 
     # -- events from the informer ------------------------------------------------------------
 
@@ -234,6 +236,11 @@ class PodWorker:
 
     async def run(self) -> None:
         try:
+            if self.after is not None:  # the previous pod of this name must be gone first
+                await asyncio.wait([self.after])
+            if self.stale is not None:  # a sandbox of an older pod with this name
+                await self.agent.destroy_sandbox_soon(self.stale)
+                self.stale = None
             if not self.deleting.is_set():
                 await self._start()
             writer = asyncio.create_task(self._status_loop())
@@ -251,19 +258,27 @@ class PodWorker:
 
     async def _start(self) -> None:
         a = self.agent
-        if self.sandbox is None or not self.sandbox.alive():
-            if self.sandbox is not None:  # holder died: tear the dead one down, make a new one
-                await asyncio.to_thread(self.sandbox.destroy, 0)
+        if self.sandbox is not None and not self.sandbox.alive():
+            # holder died (e.g. killed): tear the dead one down, make a new one
+            await a.destroy_sandbox_soon(self.sandbox)
+            self.sandbox = None
+        delay = 1.0
+        while self.sandbox is None:
             async with a.sandbox_slots:
                 try:
                     self.sandbox = await asyncio.to_thread(a.create_sandbox, self.namespace, self.name)
+                    self.error = ""
                 except Exception as e:
                     self.error = f"failed to create pod sandbox: {e}"
-                    log.error("pod=%s %s", self.key, self.error)
-                    self.changed()
-                    await self._post_status(force=True)
+            if self.sandbox is None:  # kubelet retries sandbox creation; so do we, backing off
+                log.error("pod=%s %s; retrying in %gs", self.key, self.error, delay)
+                await self._post_status(force=True)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.deleting.wait(), delay)
+                if self.deleting.is_set():
                     return
-            a.record_uid(self.sandbox, self.uid)
+                delay = min(delay * 2, 30.0)
+        a.record_uid(self.sandbox, self.uid)
         sb = self.sandbox
         prev = {c.get("name"): c for c in (self.pod.get("status") or {}).get("containerStatuses") or []}
         host_ip = a.opts.node_ip
@@ -399,11 +414,11 @@ class PodWorker:
         for t in self.tasks:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        if not self.gone:
+        if not self.gone and grace > 0:  # a graceful stop shows the terminated containers
             with contextlib.suppress(Exception):
                 await self._post_status()
         if self.sandbox is not None:
-            await asyncio.to_thread(self.agent.destroy_sandbox, self.sandbox)
+            await self.agent.destroy_sandbox_soon(self.sandbox)
         if not self.gone:
             await self.agent.confirm_delete(self.namespace, self.name, self.uid)
         log.info("pod removed pod=%s", self.key)
@@ -427,6 +442,8 @@ class Agent:
         self.ready = False
         self.not_ready_msg = "waiting for spec.podCIDR"
         self.sandbox_slots = asyncio.Semaphore(8)
+        self._destroy_q: list[tuple[Sandbox, asyncio.Future[None]]] = []
+        self._destroy_wake = asyncio.Event()
 
     # -- sandboxes ---------------------------------------------------------------------------
 
@@ -436,9 +453,43 @@ class Agent:
         return Sandbox.create(self.lab, self.node, namespace, name)
 
     def destroy_sandbox(self, sb: Sandbox) -> None:
-        sb.destroy(grace=0.5)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._uid_path(sb))
+        self.destroy_sandboxes([sb])
+
+    def destroy_sandboxes(self, sbs: list[Sandbox]) -> None:
+        from netns.sandbox import destroy_many
+
+        destroy_many(sbs, grace=0.5)
+        for sb in sbs:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._uid_path(sb))
+
+    async def destroy_sandbox_soon(self, sb: Sandbox) -> None:
+        """Queue sb for the destroyer, which removes every sandbox queued within 20 ms in one
+        batch (one kill round, one /proc scan, one link delete per node); returns when done."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._destroy_q.append((sb, fut))
+        self._destroy_wake.set()
+        await fut
+
+    async def destroyer(self) -> None:
+        while True:
+            await self._destroy_wake.wait()
+            await asyncio.sleep(0.02)
+            self._destroy_wake.clear()
+            batch, self._destroy_q = self._destroy_q, []
+            if not batch:
+                continue
+            try:
+                await asyncio.to_thread(self.destroy_sandboxes, [sb for sb, _ in batch])
+            except Exception as e:
+                log.error("removing %d sandboxes failed: %s", len(batch), e)
+                for _, f in batch:
+                    if not f.done():
+                        f.set_exception(e)
+                continue
+            for _, f in batch:
+                if not f.done():
+                    f.set_result(None)
 
     def _uid_path(self, sb: Sandbox) -> Path:
         return self.opts.state_dir / "pods" / f"{sb.netns}.uid"
@@ -544,18 +595,20 @@ class Agent:
                 w.removed()
             return
         assert new is not None
+        after = None
         if w is not None and w.uid != new["metadata"].get("uid"):
             w.removed()  # same name, new pod: the old worker cleans up, a new one starts after
-            w = None
+            after, w = w.task, None
         if w is None:
             finished = (new.get("status") or {}).get("phase") in ("Succeeded", "Failed")
             if finished and key not in self.adoptable and not new["metadata"].get("deletionTimestamp"):
                 return  # a finished pod we never ran (or already cleaned up)
             sb = self.adoptable.pop(key, None)
+            stale = None
             if sb is not None and self.sandbox_uid(sb) not in ("", new["metadata"].get("uid")):
-                asyncio.get_running_loop().run_in_executor(None, self.destroy_sandbox, sb)
-                sb = None
+                stale, sb = sb, None
             w = PodWorker(self, new, sb)
+            w.after, w.stale = after, stale
             w.update(new)
             self.workers[key] = w
             w.task = asyncio.create_task(w.run(), name=f"pod {key}")
@@ -582,7 +635,8 @@ class Agent:
         self.adoptable.clear()
         for sb in orphans:
             log.info("removing orphan sandbox %s", sb.netns)
-            await asyncio.to_thread(self.destroy_sandbox, sb)
+        if orphans:
+            await asyncio.to_thread(self.destroy_sandboxes, orphans)
 
     # -- main --------------------------------------------------------------------------------
 
@@ -592,7 +646,8 @@ class Agent:
         await self.register()
         self.nodes_inf = Informer(self.kc, "/api/v1/nodes", on_event=self.on_node_event, name="nodes")
         tasks = [asyncio.create_task(self.nodes_inf.run(), name="nodes informer"),
-                 asyncio.create_task(self.heartbeat(), name="heartbeat")]
+                 asyncio.create_task(self.heartbeat(), name="heartbeat"),
+                 asyncio.create_task(self.destroyer(), name="sandbox destroyer")]
         try:
             cidr = await self.wait_pod_cidr()
             if cidr != self.node.pod_cidr:

@@ -76,30 +76,30 @@ def register(sub: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from netns import up
+    from netns.up import up
 
-    return up.up(args)
+    return up(args)
 
 
 def _down(args: argparse.Namespace) -> int:
-    from netns import up
+    from netns.up import down
 
-    return up.down(args.lab)
+    return down(args.lab)
 
 
 def _status(args: argparse.Namespace) -> int:
-    from netns import up
+    from netns.up import status
 
-    return up.status(args.lab)
+    return status(args.lab)
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from netns import up
+    from netns.up import exec_in
 
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
-    return up.exec_in(args.lab, args.target, cmd)
+    return exec_in(args.lab, args.target, cmd)
 
 
 def _node(args: argparse.Namespace) -> int:

@@ -113,20 +113,27 @@ class ContainerRunner:
         self._started_mono = time.monotonic()
         self.exited.clear()
 
-    def _spawn(self) -> bool:
-        """Start the process; False (status says why) when it cannot start."""
+    async def _spawn(self) -> bool:
+        """Start the process (fork+exec in a worker thread: the agent's loop never blocks on
+        it); False (status says why) when it cannot start."""
+        from netns.sandbox import SandboxError
+
         try:
             argv = container_argv(self.spec)
         except ImageError as e:
             self.status.state, self.status.reason, self.status.message = "waiting", "ErrImagePull", str(e)
             return False
         try:
-            p = self.sandbox.start_container(self.name, argv, env=self.env, log_path=self.log_path)
+            p = await asyncio.to_thread(self.sandbox.start_container, self.name, argv, env=self.env,
+                                        log_path=self.log_path)
         except OSError as e:  # nsenter itself missing; the argv's own ENOENT shows up as exit 127
             self._terminated(128, "StartError", f"failed to start {argv[0]}: {e.strerror}")
             return False
+        except SandboxError as e:  # the holder died under us
+            self._terminated(128, "StartError", str(e))
+            return False
         self.pid, self.popen = p.pid, p
-        self.start = ns.proc_starttime(p.pid)
+        self.start = self.sandbox.containers.get(self.name, {}).get("start") or ns.proc_starttime(p.pid)
         self.status.state, self.status.reason, self.status.message = "running", "", ""
         self.status.started_at = now_rfc3339()
         self.status.container_id = self._container_id(p.pid)
@@ -150,7 +157,7 @@ class ContainerRunner:
                 if not first:
                     self.status.restart_count += 1
                 first = False
-                if not self._spawn():
+                if not await self._spawn():
                     self.on_change()
                     if self.status.reason == "ErrImagePull":
                         await self.stopping.wait()  # an image never appears later: wait for deletion
