@@ -9,6 +9,25 @@ what went stale. `None` means "unknown": render a full sync.
 The core's sync loop does, per sync:
     plan = mode.render(state, prior)     # state.changed is None on full syncs
     prior = mode.apply(plan)             # raises ApplyError -> next sync is full with prior=None
+
+Conventions the core (proxy.server / proxy.sync / proxy.metrics) relies on:
+- A mode module (listed in proxy.modes.MODES) exports `MODE = TheModeClass`. `proxy.server.build_mode`
+  calls `MODE.check_kernel()` (ModeUnavailable -> one-line error), then `MODE(config, **options)`
+  passing only the keyword options the constructor accepts: `backend` (--iptables-backend
+  auto|legacy|nft), `scheduler` (--ipvs-scheduler), `tcp_be_liberal` (True when the flag is set).
+- render and apply run in a worker thread (asyncio.to_thread), one sync at a time; the event loop
+  keeps serving informers and /healthz meanwhile. A mode that needs the loop (userspace
+  listeners) must hand work to it itself.
+- `state.changed` (partial syncs) holds every ServicePortName whose Service or endpoints changed
+  since the last successful sync, including ports that no longer exist (render deletes their
+  chains/elements); names not in `state.services` are gone.
+- `Plan.stats` keys the core maps onto kube-proxy's metrics (others are kept for the bench):
+  `rules_<table>` -> kubeproxy_sync_proxy_rules_iptables_total{table} (rules owned after the sync),
+  `rules_<table>_written` -> ..._iptables_last{table} (defaults to rules_<table>),
+  `no_local_endpoints_internal` / `_external` -> ..._no_local_endpoints_total{traffic_policy}.
+  An ApplyError counts as ..._iptables_restore_failures_total (+ _partial_ when not plan.full) for
+  modes named iptables/ipvs, and ..._nftables_sync_failures_total for nftables.
+- `check_drift()` is polled every syncPeriod; True -> full resync with prior=None.
 """
 
 from __future__ import annotations
