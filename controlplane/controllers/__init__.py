@@ -1,5 +1,6 @@
 """The controllers that run inside kpx's apiserver process: EndpointSlice, namespace, garbage
-collector, scheduler, pod lifecycle (force-delete on lost nodes) and node IPAM.
+collector, scheduler, pod lifecycle (force-delete on lost nodes), node IPAM and node lifecycle
+(Ready=Unknown when a node agent stops posting status).
 
 The apiserver starts them after bootstrap::
 
@@ -28,13 +29,16 @@ from controlplane.controllers.gc import GarbageCollector
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.namespace import NamespaceController
 from controlplane.controllers.nodeipam import NodeIpamController
+from controlplane.controllers.nodelifecycle import DEFAULT_GRACE, NodeLifecycleController
 from controlplane.controllers.podgc import PodLifecycleController
 from controlplane.controllers.scheduler import Scheduler
 from kpx.errors import UserError
 
 log = logging.getLogger("kpx.controllers")
 
-ALL_CONTROLLERS = ("endpointslice", "namespace", "garbagecollector", "scheduler", "podgc", "nodeipam")
+ALL_CONTROLLERS = (
+    "endpointslice", "namespace", "garbagecollector", "scheduler", "podgc", "nodeipam", "nodelifecycle",
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class ControllerConfig:
     max_endpoints_per_slice: int = MAX_ENDPOINTS_PER_SLICE
     controllers: tuple[str, ...] = ALL_CONTROLLERS  # which to run (kube-controller-manager --controllers)
     allocate_node_cidrs: bool = True  # --allocate-node-cidrs
+    node_monitor_grace_period: float = DEFAULT_GRACE  # seconds without node status -> Ready Unknown
 
     @classmethod
     def from_any(cls, config: Any) -> ControllerConfig:
@@ -97,6 +102,9 @@ class ControllerSet:
                     config.node_cidr_mask_size_ipv4, config.node_cidr_mask_size_ipv6)
             except ValueError as e:
                 raise UserError(f"--cluster-cidr: {e}") from None
+        if "nodelifecycle" in want:
+            self.controllers["nodelifecycle"] = NodeLifecycleController(
+                registry, self.informers, config.node_monitor_grace_period)
         self._tasks: list[asyncio.Task[None]] = []
 
     def __getitem__(self, name: str) -> Controller[Any]:

@@ -280,3 +280,22 @@ async def test_node_ipam_stable_across_restart_and_released_on_delete(tmp_path: 
             assert {"n1": await cidr("n1"), "n2": await cidr("n2")} == first
             await reg.delete("nodes", None, "n1")
             assert await eventually(lambda: cidr("n3"), lambda c: c is not None) == first["n1"]
+
+
+@async_test
+async def test_node_without_fresh_status_turns_unknown(tmp_path: Path) -> None:
+    async with apiserver(tmp_path / "db") as reg, running(reg, controllers=("nodelifecycle", "scheduler"),
+                                                          node_monitor_grace_period=1.0):
+        stale = node("stale")
+        stale["status"]["conditions"][0]["lastHeartbeatTime"] = "2026-01-01T00:00:00Z"
+        await reg.create("nodes", stale)
+        await reg.create("nodes", node("static"))  # never posts heartbeats: left alone
+        n = await eventually(lambda: reg.get("nodes", None, "stale"),
+                             lambda n: n["status"]["conditions"][0]["status"] == "Unknown")
+        assert n["status"]["conditions"][0]["reason"] == "NodeStatusUnknown"
+        # the scheduler no longer picks it
+        await reg.create("pods", pod("p"))
+        p = await eventually(lambda: reg.get("pods", "default", "p"), lambda p: p["spec"].get("nodeName"))
+        assert p["spec"]["nodeName"] == "static"
+        s = await reg.get("nodes", None, "static")
+        assert s is not None and s["status"]["conditions"][0]["status"] == "True"
