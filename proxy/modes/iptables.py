@@ -26,6 +26,7 @@ from proxy.modes.base import ApplyError, Mode, ModeUnavailable, Plan
 from proxy.modes.iptables_render import (
     FILTER_CHAINS,
     JUMP_CHAINS,
+    KUBE_FIREWALL,
     KUBE_PROXY_CANARY,
     NAT_CHAINS,
     IptablesPrior,
@@ -33,6 +34,7 @@ from proxy.modes.iptables_render import (
     RestorePayload,
     chain_line,
     is_service_chain,
+    jump_chains,
 )
 
 __all__ = ["IptablesMode", "IptablesPrior", "MODE"]
@@ -103,6 +105,8 @@ class IptablesMode(Mode[IptablesPrior]):
         try:
             if plan.full:
                 extra = self._full_sync_extras(plan)
+                if self.renderer.config.localhost_nodeports:
+                    self._enable_route_localnet()
             self.iptables.restore(payload.text(extra))
         except IptablesError as e:
             raise ApplyError(str(e)) from e
@@ -124,10 +128,23 @@ class IptablesMode(Mode[IptablesPrior]):
         if stale:
             extra["nat"] = ([chain_line(c) for c in stale], [f"-X {c}" for c in stale])
             plan.stats["chains_deleted"] = plan.stats.get("chains_deleted", 0) + len(stale)
-        for jump in JUMP_CHAINS:
+        for jump in jump_chains(self.renderer.config):
             if not saved.has_jump(jump.table, jump.source, jump.target):
                 extra.setdefault(jump.table, ([], []))[1].append(jump.rule())
         return extra
+
+    def _enable_route_localnet(self) -> None:
+        """localhostNodePorts: 127.0.0.1:<nodePort> is DNATed off-box only with route_localnet
+        (set in this node's netns, as upstream sets it on the node)."""
+        import subprocess
+
+        key = "/proc/sys/net/ipv4/conf/all/route_localnet"
+        if self.netns is None:
+            with open(key, "w") as f:
+                f.write("1\n")
+            return
+        subprocess.run(["ip", "netns", "exec", self.netns, "sysctl", "-q", "-w", "net.ipv4.conf.all.route_localnet=1"],
+                       check=True, capture_output=True)
 
     def check_drift(self) -> bool:
         """The canary is gone from mangle, nat or filter, or the nat jumps were flushed."""
@@ -152,7 +169,7 @@ class IptablesMode(Mode[IptablesPrior]):
 
 
 OWN_CHAINS = {
-    "filter": (*FILTER_CHAINS, KUBE_PROXY_CANARY),
+    "filter": (*FILTER_CHAINS, KUBE_FIREWALL, KUBE_PROXY_CANARY),
     "nat": (*NAT_CHAINS, KUBE_PROXY_CANARY),
     "mangle": (KUBE_PROXY_CANARY,),
 }
@@ -162,7 +179,7 @@ def cleanup_backend(ipt: Iptables) -> bool:
     """One restore per backend: delete jump rules into our chains, then flush+delete the chains.
     Returns whether there was anything to remove."""
     saved = parse_save(ipt.save())
-    targets = {j.target for j in JUMP_CHAINS}
+    targets = {j.target for j in JUMP_CHAINS} | {KUBE_FIREWALL}
     extra: dict[str, tuple[list[str], list[str]]] = {}
     for table, chains in saved.chains.items():
         own = [c for c in chains if c in OWN_CHAINS.get(table, ()) or (table == "nat" and is_service_chain(c))]

@@ -39,6 +39,7 @@ KUBE_PROXY_FIREWALL = "KUBE-PROXY-FIREWALL"
 KUBE_POSTROUTING = "KUBE-POSTROUTING"
 KUBE_MARK_MASQ = "KUBE-MARK-MASQ"
 KUBE_PROXY_CANARY = "KUBE-PROXY-CANARY"
+KUBE_FIREWALL = "KUBE-FIREWALL"  # kubelet's chain, duplicated by kube-proxy for localhost NodePorts
 
 FILTER_CHAINS = (KUBE_SERVICES, KUBE_EXTERNAL_SERVICES, KUBE_FORWARD, KUBE_NODEPORTS, KUBE_PROXY_FIREWALL)
 NAT_CHAINS = (KUBE_SERVICES, KUBE_NODEPORTS, KUBE_POSTROUTING, KUBE_MARK_MASQ)
@@ -58,8 +59,11 @@ class JumpChain:
 
     def rule(self) -> str:
         """The rule as an `-I` line (upstream prepends: EnsureRule(Prepend, ...))."""
-        extra = " ".join(self.extra)
-        return f'-I {self.source} {extra + " " if extra else ""}-m comment --comment "{self.comment}" -j {self.target}'
+        parts = [f"-I {self.source}", *self.extra]
+        if self.comment:
+            parts.append(f'-m comment --comment "{self.comment}"')
+        parts.append(f"-j {self.target}")
+        return " ".join(parts)
 
 
 _NEW = ("-m", "conntrack", "--ctstate", "NEW")
@@ -77,6 +81,15 @@ JUMP_CHAINS: tuple[JumpChain, ...] = (
     JumpChain("nat", KUBE_SERVICES, "PREROUTING", "kubernetes service portals"),
     JumpChain("nat", KUBE_POSTROUTING, "POSTROUTING", "kubernetes postrouting rules"),
 )
+# only with localhost NodePorts (upstream's iptablesKubeletJumpChains: no comment)
+FIREWALL_JUMP_CHAINS: tuple[JumpChain, ...] = (
+    JumpChain("filter", KUBE_FIREWALL, "INPUT", ""),
+    JumpChain("filter", KUBE_FIREWALL, "OUTPUT", ""),
+)
+
+
+def jump_chains(config: ProxyConfig) -> tuple[JumpChain, ...]:
+    return JUMP_CHAINS + (FIREWALL_JUMP_CHAINS if config.localhost_nodeports else ())
 
 
 def is_service_chain(name: str) -> bool:
@@ -307,7 +320,9 @@ class IptablesRenderer:
         # Tail of KUBE-SERVICES: NodePorts on node addresses.
         tail = '-A KUBE-SERVICES -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain"'
         if not cfg.nodeport_addresses:
-            n_services.append(f"{tail} -m addrtype --dst-type LOCAL ! -d 127.0.0.0/8 -j {KUBE_NODEPORTS}")
+            # without localhost NodePorts (route_localnet), 127.0.0.0/8 must not match
+            local = "" if cfg.localhost_nodeports else " ! -d 127.0.0.0/8"
+            n_services.append(f"{tail} -m addrtype --dst-type LOCAL{local} -j {KUBE_NODEPORTS}")
         else:
             for ip in nodeport_ips(cfg):
                 n_services.append(f"{tail} -d {ip} -j {KUBE_NODEPORTS}")
@@ -344,6 +359,12 @@ class IptablesRenderer:
             n_chain_lines.append(chain_line(name))
 
         f_rules: list[str] = []
+        if cfg.localhost_nodeports:
+            # CVE-2020-8558: with route_localnet, drop martian packets to 127/8 from outside
+            f_rules.append(
+                f'-A {KUBE_FIREWALL} -m comment --comment "block incoming localnet connections" '
+                "-d 127.0.0.0/8 ! -s 127.0.0.0/8 -m conntrack ! --ctstate RELATED,ESTABLISHED,DNAT -j DROP"
+            )
         if not (cfg.tcp_be_liberal):
             f_rules.append(f"-A {KUBE_FORWARD} -m conntrack --ctstate INVALID -j DROP")
         f_rules.append(
@@ -358,6 +379,8 @@ class IptablesRenderer:
         f_rules += f_nodeports
         f_rules += f_firewall
         f_chain_lines = [chain_line(c) for c in FILTER_CHAINS]
+        if cfg.localhost_nodeports:
+            f_chain_lines.append(chain_line(KUBE_FIREWALL))
         nat_all_rules = n_services + n_nodeports + n_rules
         x_lines = [f"-X {c}" for c in stale_sorted]
 
@@ -606,12 +629,12 @@ class IptablesRenderer:
 
 
 def nodeport_ips(cfg: ProxyConfig) -> list[str]:
-    """Node IPs inside --nodeport-addresses (upstream skips loopback unless localhost NodePorts)."""
+    """Node IPs inside --nodeport-addresses (loopback only with localhost NodePorts, as upstream)."""
     nets = [ipaddress.ip_network(c, strict=False) for c in cfg.nodeport_addresses]
     out = []
     for ip in cfg.node_ips:
         a = ipaddress.ip_address(ip)
-        if a.is_loopback:
+        if a.is_loopback and not cfg.localhost_nodeports:
             continue
         if any(a.version == n.version and a in n for n in nets):
             out.append(ip)

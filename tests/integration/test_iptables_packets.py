@@ -165,6 +165,11 @@ def test_nodeport_from_ext_to_each_node_is_masqueraded(world: World) -> None:
         assert {g["pod"] for g in got} <= {world.pods["a"].name, world.pods["b"].name}
         # ETP=Cluster: SNAT to the node (its bridge or underlay address), never the ext client
         assert world.lab.ext_ip not in {g["client"].split(":")[0] for g in got}
+    # localhostNodePorts (the v1alpha1 default): 127.0.0.1:<nodePort> on the node itself
+    assert answer(probe_many(world.node_prefix(0), "tcp", "127.0.0.1", 30080)[0])["pod"] in {
+        world.pods["a"].name,
+        world.pods["b"].name,
+    }
     udp = ServicePort(spn("np", "UDP"), "10.96.50.11", 80, protocol="UDP", node_port=30080)
     world.program([(udp, eps)])
     assert answer(probe_many(world.ext(), "udp", world.lab.nodes[1].ip, 30080)[0])["pod"] in {

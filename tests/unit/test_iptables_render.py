@@ -120,15 +120,17 @@ def case_terminating_fallback() -> Plan[IptablesPrior]:
 
 
 def case_options() -> Plan[IptablesPrior]:
-    """--nodeport-addresses, --masquerade-all, tcp_be_liberal, no --random-fully, masquerade bit 12."""
+    """--nodeport-addresses, --masquerade-all, tcp_be_liberal, no --random-fully, masquerade bit 12,
+    localhostNodePorts false (no KUBE-FIREWALL; loopback not a NodePort address)."""
     cfg = ProxyConfig(
         node_name=NODE,
         node_ips=("192.168.56.11", "10.0.2.15"),
         cluster_cidr=None,
         masquerade_all=True,
         masquerade_bit=12,
-        nodeport_addresses=("192.168.56.0/24",),
+        nodeport_addresses=("192.168.56.0/24", "127.0.0.0/8"),
         tcp_be_liberal=True,
+        localhost_nodeports=False,
     )
     p = svc(WEB, "10.96.0.50", node_port=30080, external_policy_local=True)
     return _full(state([(p, (ep("10.244.1.2"),))], cfg), random_fully=False)
@@ -256,6 +258,17 @@ def test_stale_chains_are_flushed_then_deleted() -> None:
     for c in deleted:
         assert f":{c} - [0:0]" in nat
         assert nat.index(f"-X {c}") > max(i for i, x in enumerate(nat) if x.startswith("-A "))
+
+
+def test_localhost_nodeports() -> None:
+    on = case_nodeport()  # v1alpha1 default: localhostNodePorts true
+    assert any(x.startswith("-A KUBE-FIREWALL") and "-d 127.0.0.0/8 ! -s 127.0.0.0/8" in x for x in _lines(on, "filter"))
+    tail = [x for x in _lines(on, "nat") if "NOTE: this must be the last rule" in x]
+    assert tail and "127.0.0.0/8" not in tail[0]
+    off = case_options()
+    assert not any("KUBE-FIREWALL" in x for x in _lines(off, "filter"))
+    tails = [x for x in _lines(off, "nat") if "NOTE: this must be the last rule" in x]
+    assert [t.split(" -d ")[1].split()[0] for t in tails] == ["192.168.56.11"]  # 10.0.2.15 outside, no loopback
 
 
 def test_large_cluster_mode_drops_endpoint_comments() -> None:
