@@ -265,3 +265,19 @@ def test_hairpin_pod_reaches_itself_through_a_dnat_vip(lab: Lab) -> None:
         ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-D", *dnat, *tag]))
         ns.run(ns.netns_argv(node.netns, ["iptables", "-t", "nat", "-D", *masq, *tag]))
         lab.delete_pod("default", name)
+
+
+def test_add_pods_in_bulk(lab: Lab) -> None:
+    names = [unique_pod("bulk") for _ in range(12)]
+    ips = lab.add_pods(2, "default", names)
+    try:
+        assert list(ips) == names and len(set(ips.values())) == 12
+        client = lab.pod("default", names[0])
+        for n in (names[5], names[11]):
+            assert parse(probe(client.enter_argv([]), "udp", ips[n]))["pod"] == n
+        with pytest.raises(SandboxError, match="already exists"):
+            lab.add_pods(2, "default", [unique_pod("new"), names[3]])  # one clash: nothing new stays
+        assert {sb.pod for sb in Sandbox.list(lab, "node2")} & set(names) == set(names)
+        assert len([sb for sb in Sandbox.list(lab, "node2") if sb.pod.startswith("new-")]) == 0
+    finally:
+        destroy_many([lab.pod("default", n) for n in names])
