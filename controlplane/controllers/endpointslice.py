@@ -316,7 +316,7 @@ def _new_slice(svc: Mapping[str, Any], d: _Draft, labels: Mapping[str, str], tri
 def _updated_slice(base: Obj, svc: Mapping[str, Any], d: _Draft, labels: Mapping[str, str],
                    trigger: str | None) -> Obj:
     md = dict(base.get("metadata") or {})
-    md["labels"] = {**(md.get("labels") or {}), **labels}
+    md["labels"] = dict(labels)
     ann = dict(md.get("annotations") or {})
     if trigger:
         ann[TRIGGER_TIME_ANNOTATION] = trigger
@@ -331,8 +331,7 @@ def _updated_slice(base: Obj, svc: Mapping[str, Any], d: _Draft, labels: Mapping
 
 
 def _meta_current(slc: Mapping[str, Any], svc: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
-    have = labels_of(slc)
-    if any(have.get(k) != v for k, v in labels.items()):
+    if dict(labels_of(slc)) != dict(labels):
         return False
     refs = meta(slc).get("ownerReferences") or ()
     return any(r.get("uid") == uid_of(svc) and r.get("blockOwnerDeletion") for r in refs)

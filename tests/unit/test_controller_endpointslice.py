@@ -205,6 +205,10 @@ def test_service_label_change_updates_slice_labels_only() -> None:
     p = plan_slices(s2, desired_groups(s2, pods, zones), existing, None)
     assert len(p.update) == 1 and p.update[0]["metadata"]["labels"]["tier"] == "back"
     assert p.update[0]["endpoints"] == existing[0]["endpoints"]
+    # a label removed from the Service goes from its slices too
+    s3 = {**s, "metadata": {**s["metadata"], "labels": {"app": "web"}}}
+    p = plan_slices(s3, desired_groups(s3, pods, zones), existing, None)
+    assert len(p.update) == 1 and "tier" not in p.update[0]["metadata"]["labels"]
 
 
 def test_trigger_time_tracker_follows_upstream() -> None:
