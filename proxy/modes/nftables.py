@@ -2,7 +2,7 @@
 
 Dispatch is by verdict maps (`service-ips`, `service-nodeports`), so the first packet of a new
 connection costs one hash lookup however many Services exist; endpoint choice is one
-`numgen random mod N vmap` rule. Per-Service and per-endpoint chains carry upstream's names
+`numgen random mod N vmap` rule into a named per-chain map. Per-Service and per-endpoint chains carry upstream's names
 (`service-ULMVA6XW-ns1/svc1/tcp/p80`, `endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80`).
 
 Syncs:
@@ -120,7 +120,9 @@ class ServiceChains:
 class RenderedService:
     chains: dict[str, list[str]] = field(default_factory=dict)  # chain -> rule bodies
     elements: dict[Element, None] = field(default_factory=dict)  # an ordered set
-    sets: dict[str, int] = field(default_factory=dict)  # affinity set -> timeout seconds
+    # named sets/maps the chains use -> declaration: affinity sets and per-chain endpoint maps
+    sets: dict[str, str] = field(default_factory=dict)
+    map_elements: dict[str, list[str]] = field(default_factory=dict)  # endpoint map -> its elements
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,9 +150,15 @@ def _element_lines(elems: list[Element], chunk: int = 1000) -> list[str]:
     return out
 
 
-def _numgen(targets: list[str]) -> str:
-    arms = " , ".join(f"{i} : goto {c}" for i, c in enumerate(targets))
-    return f"numgen random mod {len(targets)} vmap {{ {arms} }}"
+ENDPOINT_MAP_DECL = "{ typeof numgen random mod 1 : verdict ; }"
+
+
+def _set_kind(name: str) -> str:
+    return "set" if name.startswith("affinity-") else "map"
+
+
+def _affinity_decl(timeout: int) -> str:
+    return f"{{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}"
 
 
 class NftablesMode(Mode[NftPrior]):
@@ -180,13 +188,19 @@ class NftablesMode(Mode[NftPrior]):
                 ep_rules = [f"ip saddr {ep.ip} jump mark-for-masquerade"]
                 if svc.affinity_timeout:
                     aff = f"affinity-{eh}"
-                    out.sets[aff] = svc.affinity_timeout
+                    out.sets[aff] = _affinity_decl(svc.affinity_timeout)
                     ep_rules.append(f"update @{aff} {{ ip saddr }}")
                 ep_rules.append(f"meta l4proto {svc.protocol_lower} dnat to {ep.ip}:{ep.port}")
                 out.chains[ep_chain] = ep_rules
             if svc.affinity_timeout:
                 rules.append(f"ip saddr @affinity-{eh} goto {ep_chain}")
-        rules.append(_numgen(ep_chains))
+        # Endpoint choice: numgen into a NAMED verdict map of the same name as the chain. Upstream
+        # writes an anonymous map inline; the kernel names each anonymous set by scanning all of
+        # the table's sets, which made a 10k-Service transaction quadratic (minutes). A named map
+        # costs a hash insert and lets partial syncs refill it without re-parsing the rule.
+        out.sets[ch] = ENDPOINT_MAP_DECL
+        out.map_elements[ch] = [f"{i} : goto {c}" for i, c in enumerate(ep_chains)]
+        rules.append(f"numgen random mod {len(ep_chains)} vmap @{ch}")
         out.chains[ch] = rules
 
     def render_service(self, svc: ServicePort, cat: CategorizedEndpoints) -> RenderedService:
@@ -331,6 +345,7 @@ class NftablesMode(Mode[NftPrior]):
         add_elems: list[Element] = []
         chain_lines: list[str] = []
         set_lines: list[str] = []
+        map_lines: list[str] = []
         flushed_chains: set[str] = set()
         stale_sets: set[str] = set()
         rules_total = 0
@@ -344,8 +359,13 @@ class NftablesMode(Mode[NftPrior]):
             chains_now = frozenset(r.chains)
             elems_now = tuple(r.elements)
             sets_now = frozenset(r.sets)
-            for s_name, timeout in r.sets.items():
-                set_lines.append(f"add set {T} {s_name} {{ type ipv4_addr ; flags dynamic,timeout ; timeout {timeout}s ; }}")
+            for s_name, decl in r.sets.items():
+                kind = "map" if s_name in r.map_elements else "set"
+                set_lines.append(f"add {kind} {T} {s_name} {decl}")
+            for m_name, items in r.map_elements.items():
+                if not full:
+                    map_lines.append(f"flush map {T} {m_name}")
+                map_lines.append(f"add element {T} {m_name} {{ {', '.join(items)} }}")
             for ch, body in r.chains.items():
                 chain_lines.append(f"add chain {T} {ch}")
                 if not full:
@@ -377,7 +397,11 @@ class NftablesMode(Mode[NftPrior]):
         live_chains = set().union(*new_chains.values()) if new_chains else set()
         flushed_chains -= live_chains
         L += [f"flush chain {T} {c}" for c in sorted(flushed_chains)]
+        live_sets = set().union(*new_sets.values()) if new_sets else set()
+        stale_sets -= live_sets
+        L += [f"flush {_set_kind(s)} {T} {s}" for s in sorted(stale_sets)]
         L += chain_lines
+        L += map_lines
         L += _element_lines(add_elems)
         for ip in sorted(old_cips - cluster_ips):
             L.append(f"delete element {T} {CLUSTER_IPS} {{ {ip} }}")
@@ -386,9 +410,9 @@ class NftablesMode(Mode[NftPrior]):
         if full and nodeport_ips:  # from flags: they change only across restarts (full syncs)
             L.append(f"add element {T} {NODEPORT_IPS} {{ {', '.join(sorted(nodeport_ips))} }}")
         # deletions that were deferred from the previous sync
-        live_sets = set().union(*new_sets.values()) if new_sets else set()
+        # maps first: a stale endpoint map still points at the stale chains
+        L += [f"delete {_set_kind(s)} {T} {s}" for s in sorted(pend_sets - live_sets)]
         L += [f"delete chain {T} {c}" for c in sorted(pend_chains - live_chains)]
-        L += [f"delete set {T} {s}" for s in sorted(pend_sets - live_sets)]
         # stale sets are unreferenced once their chains are flushed; delete them next sync too
         payload = "\n".join(L) + "\n"
         new_prior = NftPrior(
@@ -398,7 +422,7 @@ class NftablesMode(Mode[NftPrior]):
             cluster_ips=cluster_ips,
             nodeport_ips=nodeport_ips,
             pending_delete_chains=frozenset(flushed_chains),
-            pending_delete_sets=frozenset(stale_sets - live_sets),
+            pending_delete_sets=frozenset(stale_sets),
         )
         stats = {
             "services_rendered": len(todo),

@@ -93,3 +93,21 @@ def test_drift_and_cleanup(netns):
     in_ns(mode.cleanup)
     assert "kube-proxy" not in nft(netns, "list", "tables").stdout
     in_ns(mode.cleanup)  # idempotent
+
+
+def test_affinity_service_comes_and_goes(netns):
+    from tests.nft_states import AFFINITY
+
+    mode = NetnsMode(CFG, netns)
+    prior = mode.apply(mode.render(state((AFFINITY, eps("10.180.0.1", "10.180.0.2"))), None))
+    assert "affinity-" in nft(netns, "list", "sets", "ip").stdout
+    s1 = state((AFFINITY, eps("10.180.0.2")), changed=frozenset({AFFINITY.name}))
+    prior = mode.apply(mode.render(s1, prior))
+    prior = mode.apply(mode.render(replace(s1, changed=frozenset()), prior))
+    sets = nft(netns, "list", "sets", "ip").stdout
+    assert "10.180.0.1/80" not in sets and "10.180.0.2/80" in sets
+    s2 = state(changed=frozenset({AFFINITY.name}))
+    prior = mode.apply(mode.render(s2, prior))
+    mode.apply(mode.render(replace(s2, changed=frozenset()), prior))
+    listing = nft(netns, "list", "table", "ip", "kube-proxy").stdout
+    assert "svc3" not in listing and "affinity-" not in listing

@@ -35,7 +35,8 @@ def test_full_render_matches_golden(name):
 def test_clusterip_dispatch_shape():
     p = NftablesMode(CFG).render(STATES["clusterip"], None).payload
     assert "add element ip kube-proxy service-ips { 172.30.0.41 . tcp . 80 : goto service-ULMVA6XW-ns1/svc1/tcp/p80 }" in p
-    assert "numgen random mod 3 vmap {" in p
+    assert "add rule ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 numgen random mod 3 vmap @service-ULMVA6XW-ns1/svc1/tcp/p80" in p
+    assert "add element ip kube-proxy service-ULMVA6XW-ns1/svc1/tcp/p80 { 0 : goto endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80, 1 : goto endpoint-" in p
     assert "add rule ip kube-proxy endpoint-5OJB2KTY-ns1/svc1/tcp/p80__10.180.0.1/80 meta l4proto tcp dnat to 10.180.0.1:80" in p
     # pod CIDR traffic is not masqueraded; hairpin is
     assert "ip saddr != 10.244.0.0/16 jump mark-for-masquerade" in p
