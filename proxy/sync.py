@@ -195,7 +195,8 @@ class Syncer:
         self.metrics.last_queued_timestamp.set(self.wall())
         for cb in self.on_queued:
             cb()
-        self.runner.run()
+        if self.ready():  # before the informers synced, a run would only burn a token
+            self.runner.run()
 
     def _render_apply(self, state: ProxyState, prior: Any) -> tuple[Any, dict[str, int]]:
         plan = self.mode.render(state, prior)
