@@ -309,3 +309,23 @@ def test_ip_shell_reports_the_failing_line_and_recovers(lab: Lab) -> None:
     finally:
         sh.run(["link del kpxtst0"])
     assert not [lk for lk in ns.ip_json(["link", "show"], n.netns) if lk["ifname"] == "kpxtst0"]
+
+
+def test_destroy_by_name_alone_after_state_was_wiped() -> None:
+    """Even with /var/lib/kpx/<lab> gone, the names are exact: destroy finds the netns, the host
+    link and the processes living in them (holder, container)."""
+    import shutil
+
+    lab = make_lab(nodes=1)
+    lab.add_pod(1, "default", "w")
+    sb = lab.pod("default", "w")
+    pids = [sb.holder_pid, sb.container_pid("main")]
+    shutil.rmtree(lab.state_dir)
+    destroy(lab.name)
+    assert not [n for n in ns.list_netns() if n.startswith(f"kpx-{lab.name}-")]
+    assert not os.path.exists(f"/sys/class/net/{lab.host_link}")
+    for pid in pids:
+        assert pid is not None
+        assert (
+            ns.proc_starttime(pid) is None or Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] == "Z"
+        )
