@@ -12,6 +12,7 @@ from typing import Any
 
 from controlplane.controllers.api import Obj, Registry, is_conflict, is_not_found
 from controlplane.controllers.base import Controller
+from controlplane.controllers.events import record
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.objects import (
     Key,
@@ -155,6 +156,8 @@ class Scheduler(Controller[Key]):
             raise
         self.assumed[key] = node
         self.bound += 1
+        await record(self.registry, pod, "Pod", "Normal", "Scheduled",
+                     f"Successfully assigned {ns}/{name} to {node}", DEFAULT_SCHEDULER)
 
     async def _mark_unschedulable(self, pod: Obj, message: str) -> None:
         c = condition(pod, "PodScheduled")
@@ -171,3 +174,5 @@ class Scheduler(Controller[Key]):
         except Exception as e:
             if not is_not_found(e):
                 raise
+            return
+        await record(self.registry, pod, "Pod", "Warning", "FailedScheduling", message, DEFAULT_SCHEDULER)

@@ -233,6 +233,12 @@ async def test_scheduler_spreads_and_reports_unschedulable(tmp_path: Path) -> No
         assert where.pop("preset") == "sick"  # a preset nodeName is kept
         counts = {n: list(where.values()).count(n) for n in ("n1", "n2", "sick")}
         assert counts == {"n1": 3, "n2": 3, "sick": 0}
+        events, _ = await reg.list("events", namespace="default")
+        seen = {(e["involvedObject"]["name"], e["reason"]): e for e in events}
+        assert seen[("waiting", "FailedScheduling")]["type"] == "Warning"
+        ok = seen[("p0", "Scheduled")]
+        assert ok["message"] == f"Successfully assigned default/p0 to {where['p0']}"
+        assert ok["source"] == {"component": "default-scheduler"}
 
 
 @async_test
