@@ -15,6 +15,7 @@ from urllib.parse import unquote
 import orjson
 import yaml
 from aiohttp import web
+from multidict import CIMultiDict
 
 from controlplane import errors, resources, tables
 from controlplane.registry import PATCH_TYPES, Registry, WriteOptions
@@ -201,7 +202,7 @@ def _check_json_safe(obj: Any) -> None:
 # ---------------------------------------------------------------- responses
 
 
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_response(body: Any, status: int = 200, headers: Any = None) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type=JSON_CT, headers=headers)
 
 
@@ -227,12 +228,14 @@ def check_accept(request: web.Request) -> None:
     )
 
 
-def _warn_headers(opts: WriteOptions) -> dict[str, str] | None:
+def _warn_headers(opts: WriteOptions) -> CIMultiDict[str] | None:
+    """One `Warning: 299 - "..."` header per warning, as kube-apiserver sends them."""
     if not opts.warnings:
         return None
-    # aiohttp joins repeated keys poorly; RFC 7234 allows one Warning header with comma-separated values
-    vals = ", ".join('299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"' for w in opts.warnings)
-    return {"Warning": vals}
+    h: CIMultiDict[str] = CIMultiDict()
+    for w in opts.warnings:
+        h.add("Warning", '299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"')
+    return h
 
 
 # ---------------------------------------------------------------- verbs

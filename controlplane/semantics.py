@@ -7,13 +7,18 @@ missing optional hook degrades to "no extra rule" rather than failing the write.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
 from controlplane import alloc, errors
 from controlplane.errors import ApiError
 from controlplane.resources import Resource
+
+log = logging.getLogger("controlplane.semantics")
 
 
 def _mod(name: str) -> Any:
@@ -23,6 +28,18 @@ def _mod(name: str) -> Any:
         if e.name != f"controlplane.{name}":
             raise
         return None
+
+
+@contextlib.contextmanager
+def _guard(res: Resource, step: str) -> Iterator[None]:
+    """A semantics module tripping over an odd-shaped object answers 400, not 500 (and is logged)."""
+    try:
+        yield
+    except ApiError:
+        raise
+    except (TypeError, AttributeError, KeyError, ValueError, IndexError) as e:
+        log.warning("%s of %s failed on an odd-shaped object: %s: %s", step, res.kind, type(e).__name__, e)
+        raise errors.bad_request(f"{res.kind} cannot be handled: {step} failed on the object's shape ({e})") from None
 
 
 def _causes(errs: list[Any]) -> list[dict[str, str]]:
@@ -78,15 +95,18 @@ class Semantics:
             alloc.prepare_service_update(old, new)
 
     def default(self, res: Resource, obj: dict[str, Any], *, create: bool = True) -> None:
+        check_types(res, obj)
         d = _mod("defaults")
         if d is not None:
-            d.apply_defaults(res.kind, obj, create=create, ip_family=self.ip_family)
+            with _guard(res, "defaulting"):
+                d.apply_defaults(res.kind, obj, create=create, ip_family=self.ip_family)
 
     def validate_create(self, res: Resource, obj: dict[str, Any]) -> None:
         v = _mod("validation")
         if v is None or not hasattr(v, "validate_create"):
             return
-        errs = v.validate_create(res.kind, obj)
+        with _guard(res, "validation"):
+            errs = v.validate_create(res.kind, obj)
         if errs:
             name = (obj.get("metadata") or {}).get("name", "")
             raise errors.invalid(res.kind, name, _causes(errs), res.group)
@@ -97,10 +117,11 @@ class Semantics:
             return
         if subresource == "binding":
             return
-        try:
-            errs = v.validate_update(res.kind, new, old, subresource=subresource)
-        except TypeError:
-            errs = v.validate_update(res.kind, new, old)
+        with _guard(res, "validation"):
+            if subresource == "status" and hasattr(v, "validate_status_update"):
+                errs = v.validate_status_update(res.kind, new, old)
+            else:
+                errs = v.validate_update(res.kind, new, old)
         if errs:
             name = (new.get("metadata") or {}).get("name", "")
             raise errors.invalid(res.kind, name, _causes(errs), res.group)
@@ -133,7 +154,11 @@ class Semantics:
         cur = copy.deepcopy(current)
         try:
             if patch_type == "json":
-                return p.json_patch(cur, body)
+                out = p.json_patch(cur, body)
+                fv = _mod("fieldvalidation")
+                if fv is not None and isinstance(out, dict) and (not res.group or res.group == "discovery.k8s.io"):
+                    fv.prune(res.kind, out)  # a JSON patch may add fields the kind does not have
+                return out
             if patch_type == "merge":
                 return p.merge_patch(cur, body)
             if patch_type == "strategic":
@@ -183,20 +208,33 @@ def _patch_error(e: Exception) -> ApiError:
 
 
 def check_unknown_fields(res: Resource, obj: Any, raw: bytes, opts: Any, *, patch_type: str = "") -> None:
-    """fieldValidation: Strict -> 400 on unknown/duplicate fields, Warn -> Warning headers, Ignore -> nothing."""
-    mode = opts.field_validation
-    if mode == "Ignore":
-        return
+    """fieldValidation: Strict -> 400 on unknown/duplicate fields, Warn -> Warning headers, Ignore -> drop
+    them. Unknown fields never reach storage (they are pruned in every mode), as for built-in kinds."""
     fv = _mod("fieldvalidation")
-    if fv is None or not hasattr(fv, "check"):
+    if fv is None or not isinstance(obj, dict):
         return
-    problems = fv.check(res.kind, obj, raw=raw, patch_type=patch_type, api_version=res.api_version)
+    kind = res.kind if not res.group or res.group == "discovery.k8s.io" else ""
+    if not kind:
+        return
+    if opts.field_validation == "Ignore":
+        fv.prune(kind, obj)
+        return
+    problems = fv.check(kind, obj, raw=raw, patch_type=patch_type, api_version=res.api_version)
     if not problems:
         return
-    if mode == "Strict":
-        msgs = [str(p) for p in problems]
-        raise errors.bad_request("strict decoding error: " + ", ".join(msgs))
+    if opts.field_validation == "Strict":
+        raise errors.bad_request(fv.strict_message(kind, problems, res.api_version))
     opts.warnings.extend(str(p) for p in problems)
+
+
+def check_types(res: Resource, obj: dict[str, Any]) -> None:
+    """Wrong JSON types (a string where an int goes...) -> 400, as the typed decoder answers."""
+    fv = _mod("fieldvalidation")
+    if fv is None or (res.group and res.group != "discovery.k8s.io"):
+        return
+    errs = fv.type_errors(res.kind, obj)
+    if errs:
+        raise errors.bad_request(fv.decode_message(res.kind, errs[0], res.api_version))
 
 
 class _FallbackPatch:

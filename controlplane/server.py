@@ -129,6 +129,7 @@ class APIServer:
         self.started = time.monotonic()
         self.ready = False
         self._stopping = False
+        self._reconciler: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         from controlplane import tls
@@ -175,21 +176,47 @@ class APIServer:
         log.info("serving on %s port %d (storage=%s)", ",".join(c.bind_addresses), c.secure_port, c.storage)
 
     async def _bootstrap(self) -> None:
-        assert self.registry is not None
-        import importlib
+        """kube-apiserver's first-start objects: system namespaces, the `kubernetes` Service and its
+        EndpointSlice (then kept pointing at this server by a reconciler)."""
+        from controlplane import bootstrap
 
-        try:
-            bootstrap: Any = importlib.import_module("controlplane.bootstrap")
-        except ModuleNotFoundError as e:
-            if e.name != "controlplane.bootstrap":
+        assert self.registry is not None
+        c = self.config
+        service_ip = _first_service_ip(c.service_cluster_ip_range)
+        for kind, obj in bootstrap.bootstrap_objects(service_ip, c.advertised(), c.secure_port):
+            res = {"Namespace": "namespaces", "Service": "services", "EndpointSlice": "endpointslices"}[kind]
+            ns = (obj.get("metadata") or {}).get("namespace")
+            try:
+                await self.registry.create(res, obj, ns)
+            except ApiError as e:
+                if e.reason != "AlreadyExists":
+                    log.warning("bootstrap %s %s: %s", kind, obj["metadata"].get("name"), e.message)
+        self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_endpoints(), name="kpx-bootstrap")
+
+    async def _reconcile_endpoints(self) -> None:
+        """Keep default/kubernetes' EndpointSlice at this server's advertise address (every 10 s, as upstream)."""
+        from controlplane import bootstrap
+
+        assert self.registry is not None
+        c = self.config
+        while True:
+            try:
+                want = bootstrap.kubernetes_endpointslice(c.advertised(), c.secure_port)
+                cur = await self.registry.get("endpointslices", "default", "kubernetes")
+                if cur is None:
+                    await self.registry.create("endpointslices", want, "default")
+                elif bootstrap.endpointslice_differs(cur, want):
+                    new = {**cur, **{k: want[k] for k in ("addressType", "endpoints", "ports")}}
+                    new["metadata"] = {**cur["metadata"], "labels": {**(cur["metadata"].get("labels") or {}),
+                                                                     **want["metadata"]["labels"]}}
+                    await self.registry.update("endpointslices", new)
+            except ApiError as e:
+                log.info("kubernetes endpointslice reconcile: %s", e.message)
+            except asyncio.CancelledError:
                 raise
-            bootstrap = None
-        if bootstrap is not None and hasattr(bootstrap, "ensure"):
-            await bootstrap.ensure(self.registry, self.config)
-            return
-        for ns in ("default", "kube-system", "kube-public", "kube-node-lease"):
-            with contextlib.suppress(ApiError):
-                await self.registry.create("namespaces", {"metadata": {"name": ns}})
+            except Exception:
+                log.exception("kubernetes endpointslice reconcile failed")
+            await asyncio.sleep(10)
 
     async def _start_controllers(self) -> None:
         assert self.registry is not None
@@ -216,6 +243,10 @@ class APIServer:
                 t.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
+        if self._reconciler is not None:
+            self._reconciler.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reconciler
         if self.controllers is not None:
             with contextlib.suppress(Exception):
                 await self.controllers.stop()
@@ -249,16 +280,13 @@ class APIServer:
             if t is not None:
                 assert self.handlers is not None
                 return await self.handlers.dispatch(request, t)
-        if request.method not in ("GET", "HEAD"):
-            if _discovery_path(path) is not None:
-                raise errors.method_not_allowed()
-            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
         doc = _discovery_path(path)
-        if doc is not None:
-            body = doc(self, request)
-            if body is not None:
-                return body
-        raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+        body = doc(self, request) if doc is not None else None
+        if body is None:
+            raise errors.ApiError(404, "NotFound", "the server could not find the requested resource")
+        if request.method not in ("GET", "HEAD"):
+            raise errors.method_not_allowed()
+        return body
 
 
 def _status_response(e: ApiError) -> web.Response:
