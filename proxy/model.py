@@ -73,6 +73,10 @@ class Endpoint:
     terminating: bool = False
     node_name: str | None = None
     zone: str | None = None
+    # EndpointSlice hints (topology-aware routing, KEP-2433/4444/3015): the zones / nodes this
+    # endpoint should serve; empty = no hint.
+    zone_hints: tuple[str, ...] = ()
+    node_hints: tuple[str, ...] = ()
 
     @property
     def addr(self) -> str:
@@ -135,18 +139,51 @@ def _usable(eps: Iterable[Endpoint]) -> tuple[Endpoint, ...]:
     return tuple(e for e in eps if e.serving and e.terminating)
 
 
-def categorize_endpoints(svc: ServicePort, eps: Iterable[Endpoint], node_name: str) -> CategorizedEndpoints:
+LABEL_TOPOLOGY_ZONE = "topology.kubernetes.io/zone"
+PREFER_SAME_NODE, PREFER_SAME_ZONE = "PreferSameNode", "PreferSameZone"
+
+
+def topology_mode(eps: tuple[Endpoint, ...], node_name: str, zone: str) -> str:
+    """Upstream's topologyModeFromHints: use node hints if every ready endpoint has some and one
+    is for this node; else zone hints likewise; else no topology filtering ("")."""
+    ready = [e for e in eps if e.ready]
+    if ready and all(e.node_hints for e in ready) and any(node_name in e.node_hints for e in ready):
+        return PREFER_SAME_NODE
+    if ready and all(e.zone_hints for e in ready) and zone and any(zone in e.zone_hints for e in ready):
+        return PREFER_SAME_ZONE
+    return ""
+
+
+def categorize_endpoints(
+    svc: ServicePort,
+    eps: Iterable[Endpoint],
+    node_name: str,
+    node_labels: Mapping[str, str] | None = None,
+) -> CategorizedEndpoints:
     """Split a ServicePort's endpoints as upstream's proxy.CategorizeEndpoints does.
 
-    Cluster policy uses all ready endpoints, falling back to serving-terminating ones; Local
-    policy does the same over this node's endpoints only (the fallback is per node).
+    Cluster policy uses all ready endpoints (narrowed by topology hints when every ready endpoint
+    has them and some are for this node/zone; pass `node_labels`, e.g. state.node_labels, to use
+    zone hints), falling back to serving-terminating ones; Local policy does the same over this
+    node's endpoints only (the fallback is per node).
     """
     eps = tuple(eps)
     # Upstream's UsesClusterEndpoints: an externally reachable port always needs the Cluster set,
     # because pod and host traffic to its external IPs short-circuits to KUBE-SVC even with ETP=Local.
     need_cluster = not svc.internal_policy_local or svc.has_external
     need_local = svc.internal_policy_local or (svc.has_external and svc.external_policy_local)
-    cluster = _usable(eps) if need_cluster else ()
+    cluster: tuple[Endpoint, ...] = ()
+    if need_cluster:
+        mode = topology_mode(eps, node_name, (node_labels or {}).get(LABEL_TOPOLOGY_ZONE, ""))
+        if mode == PREFER_SAME_NODE:
+            cluster = tuple(e for e in eps if e.ready and node_name in e.node_hints)
+        elif mode == PREFER_SAME_ZONE:
+            zone = (node_labels or {}).get(LABEL_TOPOLOGY_ZONE, "")
+            cluster = tuple(e for e in eps if e.ready and zone in e.zone_hints)
+        else:
+            cluster = _usable(eps)
+        if not cluster:  # (with topology: no ready endpoint at all) -> serving+terminating ones
+            cluster = tuple(e for e in eps if e.serving and e.terminating)
     local = _usable(e for e in eps if e.node_name == node_name) if need_local else ()
     if not need_local:
         reachable = cluster

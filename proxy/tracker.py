@@ -183,6 +183,7 @@ def parse_endpoint_slice(es: Mapping[str, Any]) -> ParsedSlice | None:
         serving = cond.get("serving") is not False if cond.get("serving") is not None else ready
         terminating = cond.get("terminating") is True
         topo = ep.get("topology") or {}  # v1beta1
+        hints = ep.get("hints") or {}
         eps.append(
             Endpoint(
                 ip=ip,
@@ -192,6 +193,8 @@ def parse_endpoint_slice(es: Mapping[str, Any]) -> ParsedSlice | None:
                 terminating=terminating,
                 node_name=ep.get("nodeName") or topo.get("kubernetes.io/hostname"),
                 zone=ep.get("zone") or topo.get(LABEL_ZONE),
+                zone_hints=tuple(str(z.get("name")) for z in hints.get("forZones") or [] if z.get("name")),
+                node_hints=tuple(str(n.get("name")) for n in hints.get("forNodes") or [] if n.get("name")),
             )
         )
     ports: dict[tuple[str, str], tuple[Endpoint, ...]] = {}
@@ -201,7 +204,8 @@ def parse_endpoint_slice(es: Mapping[str, Any]) -> ParsedSlice | None:
         proto = str(p.get("protocol") or TCP).upper()
         port = int(p["port"])
         ports[(str(p.get("name") or ""), proto)] = tuple(
-            Endpoint(e.ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone) for e in eps
+            Endpoint(e.ip, port, e.ready, e.serving, e.terminating, e.node_name, e.zone, e.zone_hints, e.node_hints)
+            for e in eps
         )
     ns = str(md.get("namespace") or "default")
     trig = parse_trigger_time((md.get("annotations") or {}).get(ANNOTATION_TRIGGER_TIME))

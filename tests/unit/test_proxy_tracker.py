@@ -268,3 +268,35 @@ def test_health_check_local_endpoint_counts_and_node_eligibility():
     t.on_node("ADDED", None, node)
     assert not t.node.eligible and t.node.addresses == ("192.168.56.11",)
     assert t.snapshot()[0].full  # a zone label change forces a full sync
+
+
+def test_topology_hints_narrow_cluster_endpoints():
+    t = tracker("n1")
+    t.on_service("ADDED", None, svc())
+    a = dict(ep("10.244.1.2", "n1"), hints={"forZones": [{"name": "za"}]})
+    b = dict(ep("10.244.2.2", "n2"), hints={"forZones": [{"name": "zb"}]})
+    t.on_endpoint_slice("ADDED", None, slice_("s", eps=[a, b]))
+    state, _ = t.snapshot()
+    sp, eps = state.services[SPN], state.endpoints[SPN]
+    assert eps[0].zone_hints == ("za",)
+    zone_a = {"topology.kubernetes.io/zone": "za"}
+    assert [e.ip for e in categorize_endpoints(sp, eps, "n1", zone_a).cluster] == ["10.244.1.2"]
+    # no zone label, or a zone no endpoint is hinted for: hints are ignored
+    assert len(categorize_endpoints(sp, eps, "n1").cluster) == 2
+    assert len(categorize_endpoints(sp, eps, "n1", {"topology.kubernetes.io/zone": "zc"}).cluster) == 2
+    # one ready endpoint without hints: hints are ignored altogether
+    c = ep("10.244.3.2", "n3")
+    t.on_endpoint_slice("MODIFIED", None, slice_("s", eps=[a, b, c]))
+    state, _ = t.snapshot()
+    assert len(categorize_endpoints(sp, state.endpoints[SPN], "n1", zone_a).cluster) == 3
+
+
+def test_node_hints_prefer_same_node():
+    t = tracker("n2")
+    t.on_service("ADDED", None, svc())
+    a = dict(ep("10.244.1.2", "n1"), hints={"forNodes": [{"name": "n1"}], "forZones": [{"name": "z"}]})
+    b = dict(ep("10.244.2.2", "n2"), hints={"forNodes": [{"name": "n2"}], "forZones": [{"name": "z"}]})
+    t.on_endpoint_slice("ADDED", None, slice_("s", eps=[a, b]))
+    state, _ = t.snapshot()
+    cat = categorize_endpoints(state.services[SPN], state.endpoints[SPN], "n2", {"topology.kubernetes.io/zone": "z"})
+    assert [e.ip for e in cat.cluster] == ["10.244.2.2"]
