@@ -126,13 +126,21 @@ def proxy_config(opts: ProxyOptions, node_name: str, node_ips: tuple[str, ...] |
     ips = local_ipv4_addresses() if node_ips is None else node_ips
     if opts.bind_address and opts.bind_address not in ips and opts.bind_address not in ("0.0.0.0", "::"):
         ips = (opts.bind_address, *ips)
+    npa = tuple(c for c in opts.nodeport_addresses if c != "primary")
+    if "primary" in opts.nodeport_addresses:  # upstream: the node's primary IP(s)
+        if opts.bind_address:
+            npa += (f"{opts.bind_address}/32",)
+        else:
+            log.warning("--nodeport-addresses primary needs --bind-address (the node IP) here; "
+                        "using all local addresses")
+            npa = ()
     return ProxyConfig(
         node_name=node_name,
         node_ips=ips,
         cluster_cidr=opts.cluster_cidr,
         masquerade_all=opts.masquerade_all,
         masquerade_bit=opts.masquerade_bit,
-        nodeport_addresses=tuple(c for c in opts.nodeport_addresses if c != "primary"),
+        nodeport_addresses=npa,
         tcp_be_liberal=opts.tcp_be_liberal,
         localhost_nodeports=opts.localhost_nodeports,
     )
