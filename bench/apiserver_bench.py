@@ -128,6 +128,12 @@ class ApiserverProcess:
                 self.proc.wait(timeout=15)
         self.proc = None
 
+    def cpu_seconds(self) -> float:
+        """user+system CPU time the apiserver process has used so far."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def rss_mib(self) -> float:
         with open(f"/proc/{self.pid}/status") as f:
             for line in f:
@@ -329,11 +335,11 @@ async def fill_store(
     from controlplane.store.factory import open_store
 
     store = open_store(storage, sqlite_path=str(api.data_dir / "apiserver.db"), etcd_endpoints=api.etcd_servers,
-                       auto_compact=False)  # fmt: skip
+                       auto_compact=False, **({"request_timeout": 60.0} if storage == "etcd" else {}))  # fmt: skip
     await store.start()
     t0 = time.perf_counter()
     try:
-        sem = asyncio.Semaphore(32)
+        sem = asyncio.Semaphore(16)
 
         async def one(resource: str, tmpl: dict[str, Any], i: int) -> None:
             obj = orjson.loads(orjson.dumps(tmpl))
@@ -418,8 +424,18 @@ async def bench_one(storage: str, args: argparse.Namespace, work: Path, etcd_url
     try:
         async with api.session() as s:
             await create_services(s, 200, "warm-")  # warm up TLS connections and code paths
+            cpu0 = api.cpu_seconds()
             secs, acked = await create_services(s, args.creates, "c-")
-            res["creates"] = {"count": len(acked), "clients": 8, "per_s": round(len(acked) / secs, 1)}
+            cpu_ms = (api.cpu_seconds() - cpu0) / max(1, len(acked)) * 1000
+            res["creates"] = {
+                "count": len(acked),
+                "clients": 8,
+                "per_s": round(len(acked) / secs, 1),
+                # load-independent: the apiserver's own CPU per create, and what one free core allows
+                "server_cpu_ms_per_create": round(cpu_ms, 2),
+                "per_s_one_free_core": round(1000 / cpu_ms) if cpu_ms else None,
+                "load_average": round(os.getloadavg()[0], 1),
+            }
             print(f"[{storage}] creates: {res['creates']}", flush=True)
             if args.watchers:
                 res["latency"] = await phase_latency(api, s, args.watchers, args.latency_creates)

@@ -373,6 +373,9 @@ class SQLiteStore:
         self._w_conn.close()
 
     def _commit_batch(self, writes: builtins.list[_Request]) -> None:
+        """One transaction for the whole batch: one SELECT of the keys' newest rows, the checks in
+        Python, one executemany of the new rows, one COMMIT (one fsync). Few sqlite calls also
+        means few GIL re-acquisitions by this thread while the event loop is busy."""
         conn = self._w_conn
         assert conn is not None and self._loop is not None
         results: builtins.list[tuple[asyncio.Future[Any] | None, Any, BaseException | None]] = []
@@ -380,14 +383,24 @@ class SQLiteStore:
         start_rev = self._w_rev
         try:
             conn.execute("BEGIN IMMEDIATE")
+            latest = self._latest_rows(conn, {req.key for req in writes})
+            rows: builtins.list[tuple[int, str, int, int, int, int, bytes]] = []
             for req in writes:
                 try:
-                    ev = self._apply(conn, req)
+                    ev, row = self._apply(latest.get(req.key), req)
                 except StoreError as e:
                     results.append((req.future, None, e))
                     continue
+                latest[req.key] = (row[0], row[4], row[3], row[6])
+                rows.append(row)
                 events.append(ev)
                 results.append((req.future, ev.kv, None))
+            if rows:
+                conn.executemany(
+                    "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, value)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
             conn.execute("COMMIT")
         except sqlite3.Error as e:
             with contextlib.suppress(sqlite3.Error):
@@ -398,44 +411,55 @@ class SQLiteStore:
             events = []
         self._loop.call_soon_threadsafe(self._deliver, self._w_rev, results, events)
 
-    def _apply(self, conn: sqlite3.Connection, req: _Request) -> Event:
-        row = conn.execute(_LATEST, (req.key,)).fetchone()
-        live = row is not None and not row[2]
-        cur = KV(req.key, bytes(row[3]), row[0], row[1]) if live and row is not None else None
+    @staticmethod
+    def _latest_rows(conn: sqlite3.Connection, keys: set[str]) -> dict[str, tuple[int, int, int, bytes]]:
+        """key -> (id, create_revision, deleted, value) of its newest row, for keys that have one."""
+        out: dict[str, tuple[int, int, int, bytes]] = {}
+        names = builtins.list(keys)
+        for i in range(0, len(names), 500):
+            part = names[i : i + 500]
+            marks = ",".join("?" * len(part))
+            for name, rid, crev, deleted, value in conn.execute(
+                "SELECT name, id, create_revision, deleted, value FROM kine WHERE id IN"
+                f" (SELECT MAX(id) FROM kine WHERE name IN ({marks}) GROUP BY name)",
+                part,
+            ):
+                out[name] = (rid, crev, deleted, bytes(value))
+        return out
+
+    def _apply(
+        self, row: tuple[int, int, int, bytes] | None, req: _Request
+    ) -> tuple[Event, tuple[int, str, int, int, int, int, bytes]]:
+        """Check one request against the key's newest row; the event and the row to insert."""
+        cur = KV(req.key, row[3], row[0], row[1]) if row is not None and not row[2] else None
         rev = self._w_rev + 1
         if req.op == "create":
             if cur is not None:
                 raise KeyExists(req.key)
             prev_id = row[0] if row is not None else 0
-            conn.execute(
-                "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, value)"
-                " VALUES (?, ?, 1, 0, ?, ?, ?)",
-                (rev, req.key, rev, prev_id, req.value),
-            )
             self._w_rev = rev
-            return Event("PUT", KV(req.key, req.value, rev, rev), None)
+            return Event("PUT", KV(req.key, req.value, rev, rev), None), (
+                rev,
+                req.key,
+                1,
+                0,
+                rev,
+                prev_id,
+                req.value,
+            )
         if cur is None:
             raise KeyNotFound(req.key)
         if req.op == "update":
             if cur.mod_revision != req.expected:
                 raise Conflict(req.key, cur)
-            conn.execute(
-                "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, value)"
-                " VALUES (?, ?, 0, 0, ?, ?, ?)",
-                (rev, req.key, cur.create_revision, cur.mod_revision, req.value),
-            )
             self._w_rev = rev
-            return Event("PUT", KV(req.key, req.value, rev, cur.create_revision), cur)
-        # delete
+            ev = Event("PUT", KV(req.key, req.value, rev, cur.create_revision), cur)
+            return ev, (rev, req.key, 0, 0, cur.create_revision, cur.mod_revision, req.value)
         if req.expected and cur.mod_revision != req.expected:
             raise Conflict(req.key, cur)
-        conn.execute(
-            "INSERT INTO kine (id, name, created, deleted, create_revision, prev_revision, value)"
-            " VALUES (?, ?, 0, 1, ?, ?, ?)",
-            (rev, req.key, cur.create_revision, cur.mod_revision, cur.value),
-        )
         self._w_rev = rev
-        return Event("DELETE", KV(req.key, cur.value, rev, cur.create_revision), cur)
+        ev = Event("DELETE", KV(req.key, cur.value, rev, cur.create_revision), cur)
+        return ev, (rev, req.key, 0, 1, cur.create_revision, cur.mod_revision, cur.value)
 
     def _compact_chunk(self) -> None:
         """One transaction of compaction work for the oldest pending compaction request."""
