@@ -306,6 +306,11 @@ class PodWorker:
             if probe:
                 self.probe_ready[name] = False
                 self.tasks.append(asyncio.create_task(self._probe(r, spec, probe)))
+        # One status write with the containers already started (not a ContainerCreating one first):
+        # half the writes per pod start, which is what bounds pods/s on a busy apiserver.
+        if self.runners:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*(r.first_attempt.wait() for r in self.runners)), 5.0)
         self.changed()
 
     async def _probe(self, r: ContainerRunner, spec: dict[str, Any], probe: dict[str, Any]) -> None:

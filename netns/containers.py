@@ -95,6 +95,7 @@ class ContainerRunner:
         self.stopping = asyncio.Event()
         self.exited = asyncio.Event()  # set whenever no process is running
         self.exited.set()
+        self.first_attempt = asyncio.Event()  # the first start was tried (or it was adopted)
         self._started_mono = 0.0
 
     @property
@@ -157,7 +158,9 @@ class ContainerRunner:
                 if not first:
                     self.status.restart_count += 1
                 first = False
-                if not await self._spawn():
+                started = await self._spawn()
+                self.first_attempt.set()
+                if not started:
                     self.on_change()
                     if self.status.reason == "ErrImagePull":
                         await self.stopping.wait()  # an image never appears later: wait for deletion
@@ -166,6 +169,7 @@ class ContainerRunner:
                         return
                     continue
                 self.on_change()
+            self.first_attempt.set()
             assert self.pid is not None
             code = await wait_exit(self.pid, self.popen)
             ran = time.monotonic() - self._started_mono
