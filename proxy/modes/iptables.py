@@ -19,6 +19,7 @@ from proxy.iptables_restore import (
     IptablesError,
     detect_backend,
     iptables_version,
+    nft_needs_hint,
     parse_save,
 )
 from proxy.model import ProxyConfig, ProxyState
@@ -102,18 +103,33 @@ class IptablesMode(Mode[IptablesPrior]):
     def apply(self, plan: Plan[IptablesPrior]) -> IptablesPrior:
         payload: RestorePayload = plan.payload
         extra: dict[str, tuple[list[str], list[str]]] = {}
+        jumps: dict[str, list[str]] = {}
         try:
             if plan.full:
-                extra = self._full_sync_extras(plan)
+                extra, jumps = self._full_sync_extras(plan)
                 if self.renderer.config.localhost_nodeports:
                     self._enable_route_localnet()
-            self.iptables.restore(payload.text(extra))
+            merged = {t: (list(c), list(r)) for t, (c, r) in extra.items()}
+            for t, lines in jumps.items():
+                merged.setdefault(t, ([], []))[1].extend(lines)
+            text = payload.text(merged)
+            if jumps and self.backend == "nft" and nft_needs_hint(text):
+                # iptables-nft 1.8.9 fails `-I` into builtin chains in a restore that lists all
+                # chains (the quadratic work-around): hook the finished chains in a second
+                # transaction. Safe: until then nothing jumps into them.
+                self.iptables.restore(payload.text(extra))
+                self.iptables.restore(RestorePayload({}).text({t: ([], lines) for t, lines in jumps.items()}))
+            else:
+                self.iptables.restore(text)
         except IptablesError as e:
             raise ApplyError(str(e)) from e
         self._applied = True
         return plan.prior
 
-    def _full_sync_extras(self, plan: Plan[IptablesPrior]) -> dict[str, tuple[list[str], list[str]]]:
+    def _full_sync_extras(
+        self, plan: Plan[IptablesPrior]
+    ) -> tuple[dict[str, tuple[list[str], list[str]]], dict[str, list[str]]]:
+        """(stale chains to delete per table, missing jump rules per table), from one save."""
         saved = parse_save(self.iptables.save())
         active: set[str] = set()
         for chains in plan.prior.chains.values():
@@ -128,10 +144,11 @@ class IptablesMode(Mode[IptablesPrior]):
         if stale:
             extra["nat"] = ([chain_line(c) for c in stale], [f"-X {c}" for c in stale])
             plan.stats["chains_deleted"] = plan.stats.get("chains_deleted", 0) + len(stale)
+        jumps: dict[str, list[str]] = {}
         for jump in jump_chains(self.renderer.config):
             if not saved.has_jump(jump.table, jump.source, jump.target):
-                extra.setdefault(jump.table, ([], []))[1].append(jump.rule())
-        return extra
+                jumps.setdefault(jump.table, []).append(jump.rule())
+        return extra, jumps
 
     def _enable_route_localnet(self) -> None:
         """localhostNodePorts: 127.0.0.1:<nodePort> is DNATed off-box only with route_localnet

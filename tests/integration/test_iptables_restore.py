@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.iptables_restore import Iptables, detect_backend, parse_save
+from proxy.model import ServicePortName
 from proxy.modes.base import ApplyError, Plan
 from proxy.modes.iptables import IptablesMode
 from proxy.modes.iptables_render import JUMP_CHAINS, RestorePayload
@@ -191,3 +192,37 @@ def test_mode_rejects_unknown_backend() -> None:
 
     with pytest.raises(ModeUnavailable, match="legacy or nft"):
         IptablesMode(CFG, backend="xtables")
+
+
+def test_nft_many_chains_hint_keeps_the_result(netns: str) -> None:
+    """The `-S` work-around for iptables-nft's quadratic --noflush is invisible in the result."""
+    from proxy.iptables_restore import NFT_ALL_CHAINS_ABOVE, nft_all_chains_hint
+    from proxy.modes.iptables_render import IptablesRenderer
+
+    n = NFT_ALL_CHAINS_ABOVE // 3 + 50  # 3 chains per port (SVC + 2 SEP) -> above the threshold
+    ports = [(svc(spn_i, f"10.96.{i // 250}.{i % 250 + 1}"), (ep(f"10.244.{i // 125}.{2 * (i % 125) + 2}"),
+              ep(f"10.244.{i // 125}.{2 * (i % 125) + 3}", "node2")))
+             for i, spn_i in enumerate(ServicePortName("ns", f"s{k}", "p") for k in range(n))]
+    text = IptablesRenderer(CFG).render(state(ports), None).payload.text()
+    assert nft_all_chains_hint(text) != text and "\n*nat\n-S\n" in nft_all_chains_hint(text)
+    results = {}
+    for backend in BACKENDS:
+        Iptables(backend, netns).restore(text)  # nft: with the hint
+        results[backend] = sorted(_rules(_save(netns, backend)))
+    assert results["nft"] == results["legacy"] and len(results["nft"]) > 3 * n
+
+
+def test_nft_full_sync_with_many_chains_hooks_jumps(netns: str) -> None:
+    """Above the hint threshold the nft backend hooks the jumps in a second transaction."""
+    from proxy.iptables_restore import NFT_ALL_CHAINS_ABOVE
+
+    n = NFT_ALL_CHAINS_ABOVE // 2 + 10  # SVC + SEP per port
+    ports = [(svc(ServicePortName("ns", f"s{k}", "p"), f"10.96.{k // 250}.{k % 250 + 1}"),
+              (ep(f"10.244.{k // 250}.{k % 250 + 1}"),)) for k in range(n)]
+    m = _mode(netns, "nft")
+    m.apply(m.render(state(ports), None))
+    saved = parse_save(_save(netns, "nft"))
+    for j in JUMP_CHAINS:
+        assert sum(1 for r in saved.rules[j.table] if r.startswith(f"-A {j.source} ") and r.endswith(f"-j {j.target}")) == 1
+    assert len([c for c in saved.chains["nat"] if c.startswith("KUBE-SEP-")]) == n
+    assert not m.check_drift()
