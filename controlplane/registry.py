@@ -23,6 +23,7 @@ Controllers (H3) use:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import datetime as dt
 import logging
@@ -126,9 +127,39 @@ class Registry:
         self._write_lock = asyncio.Lock()  # serialises allocation + write per process
 
     async def start(self) -> None:
-        services, _ = await self.list("services")
-        for w in self.sem.rebuild_allocations(services):
+        prefix = by_name("services").prefix(None)
+        items, rev, _ = self.cache.list(prefix)
+        for w in self.sem.rebuild_allocations([c.obj for c in items]):
             log.warning("%s", w)
+        self._alloc_task = asyncio.get_running_loop().create_task(self._follow_services(prefix, rev),
+                                                                  name="kpx-registry-alloc")
+
+    async def stop(self) -> None:
+        t = getattr(self, "_alloc_task", None)
+        if t is not None:
+            t.cancel()
+            with contextlib.suppress(BaseException):
+                await t
+
+    async def _follow_services(self, prefix: str, rev: int) -> None:
+        """Keep ClusterIP/NodePort allocations in step with Services other apiservers on the same store
+        write (and with our own writes, idempotently)."""
+        while True:
+            try:
+                w = self.cache.watch(prefix, rev)
+                async for ev in w:
+                    rev = ev.rev
+                    self.sem.observe_service(ev.type, ev.key, ev.obj.obj if ev.type == "PUT" else None,
+                                             ev.prev.obj if ev.prev is not None else ev.obj.obj)
+            except asyncio.CancelledError:
+                raise
+            except base.Compacted:
+                items, rev, _ = self.cache.list(prefix)
+                for c in items:
+                    self.sem.observe_service("PUT", c.key, c.obj, None)
+            except Exception:
+                log.exception("allocation follower failed; restarting")
+            await asyncio.sleep(0.1)
 
     # ------------------------------------------------------------------ reads
 

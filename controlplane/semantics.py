@@ -46,8 +46,14 @@ def _causes(errs: list[Any]) -> list[dict[str, str]]:
     return [e.cause() if hasattr(e, "cause") else dict(e) for e in errs]
 
 
-def _qualified_kind(res: Resource) -> tuple[str, str]:
-    return res.kind, res.group
+def _held(svc: dict[str, Any]) -> tuple[set[str], set[int]]:
+    """(cluster IPs, node ports incl. healthCheckNodePort) a Service holds."""
+    ips: set[str] = set()
+    ports: set[int] = set()
+    if alloc.needs_cluster_ip(svc):
+        ips = {i for i in alloc._ips_of(svc) if isinstance(i, str)}
+    ports = {p for p in alloc._node_ports_of(svc) if isinstance(p, int) and not isinstance(p, bool)}
+    return ips, ports
 
 
 class Semantics:
@@ -55,6 +61,8 @@ class Semantics:
         self.ips = alloc.ClusterIPAllocator(service_cidr)
         self.ports = alloc.NodePortAllocator(node_port_range)
         self.ip_family = self.ips.family
+        self._ip_owner: dict[str, str] = {}
+        self._port_owner: dict[int, str] = {}
 
     # ---- allocation
 
@@ -78,12 +86,28 @@ class Semantics:
         if res.kind == "Service" and not res.group:
             alloc.release_service(obj, self.ips, self.ports)
 
-    def observe_service(self, typ: str, obj: dict[str, Any] | None, prev: dict[str, Any] | None) -> None:
-        """Keep allocations in step with Services written by other apiservers on the same store."""
-        if typ == "DELETE" and prev is not None:
-            alloc.release_service(prev, self.ips, self.ports)
-        elif obj is not None:
-            alloc.rebuild(self.ips, self.ports, [obj])
+    def observe_service(self, typ: str, key: str, obj: dict[str, Any] | None, prev: dict[str, Any] | None) -> None:
+        """A Service event from the store (any apiserver): mark what it holds, free what it let go.
+        A value is freed only by the Service recorded as holding it, so a late event cannot free a
+        value re-allocated to another Service since."""
+        held = _held(obj) if typ == "PUT" and obj is not None else (set(), set())
+        before = _held(prev) if prev is not None else (set(), set())
+        for ip in held[0]:
+            self._ip_owner[ip] = key
+            if self.ips.contains(ip) and not self.ips.has(ip):
+                self.ips.allocate(ip)
+        for port in held[1]:
+            self._port_owner[port] = key
+            if self.ports.contains(port) and not self.ports.has(port):
+                self.ports.allocate(port)
+        for ip in before[0] - held[0]:
+            if self._ip_owner.get(ip) == key:
+                del self._ip_owner[ip]
+                self.ips.release(ip)
+        for port in before[1] - held[1]:
+            if self._port_owner.get(port) == key:
+                del self._port_owner[port]
+                self.ports.release(port)
 
     # ---- defaulting / validation
 

@@ -250,6 +250,8 @@ class APIServer:
         if self.controllers is not None:
             with contextlib.suppress(Exception):
                 await self.controllers.stop()
+        if self.registry is not None:
+            await self.registry.stop()
         if self.cache is not None:
             await self.cache.close()
         if self.store is not None:
