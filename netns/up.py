@@ -294,7 +294,7 @@ def _bring_up(lab: Lab, args: argparse.Namespace, st: UpState) -> dict[str, subp
             role = f"proxy/{n.name}"
             procs[role] = spawn(lab, role, kpx_argv(
                 "proxy", "--proxy-mode", args.proxy_mode, "--kubeconfig", nkc, "--hostname-override", n.name,
-                "--cluster-cidr", lab.pod_cidr,
+                "--bind-address", n.ip, "--cluster-cidr", lab.pod_cidr,
             ), netns=n.netns)
             st.components[role] = procs[role].pid
     st.save(lab)
@@ -318,6 +318,8 @@ def up(args: argparse.Namespace) -> int:
         hint = f"'kpx down{flag}' first, then 'make demo'" if args.demo else f"'kpx down{flag}' first"
         raise UserError(f"lab {args.lab} is already up (KUBECONFIG={kubeconfig_path(plan)}, see 'kpx status'): "
                         f"use it, or run {hint}")
+    if args.demo and not args.proxy_mode and proxy_available():
+        args.proxy_mode = "iptables"  # the demo proves Services too; kube-proxy's default mode
     if args.proxy_mode and not proxy_available():
         raise UserError(f"--proxy-mode {args.proxy_mode}: this build has no 'kpx proxy' yet; run without --proxy-mode")
     if not 1 <= args.apiserver_port <= 65535:

@@ -177,3 +177,22 @@ def test_up_refuses_bad_input_in_one_line() -> None:
         assert p.returncode != 0 and p.stderr.count("\n") == 1 and want in p.stderr, p.stderr
     p = kpx("up", "--proxy-mode", "bogus")
     assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
+def test_demo_proves_pod_clusterip_and_nodeport_traffic() -> None:
+    name = unique_name("dm").replace("-", "")[:10]
+    n = int.from_bytes(os.urandom(2), "big") % 512
+    subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
+    try:
+        p = kpx("up", "--lab", name, "--subnet", subnet, "--apiserver-port", str(free_port()), "--demo", timeout=180)
+        assert p.returncode == 0, p.stdout + p.stderr
+        ok = [ln for ln in p.stdout.splitlines() if ln.strip().startswith("OK ")]
+        assert "FAIL" not in p.stdout and "all checks passed" in p.stdout
+        # pod->pod tcp+udp across nodes, pod->ClusterIP tcp+udp, ext->NodePort on both nodes
+        assert len(ok) == 6, p.stdout
+        assert "proxy iptables" in p.stdout and "across nodes" in p.stdout
+        again = kpx("up", "--lab", name, "--demo")
+        assert again.returncode == 1 and "already up" in again.stderr and "kpx down --lab" in again.stderr
+    finally:
+        kpx("down", "--lab", name)
+    assert leftovers(name) == []
