@@ -424,8 +424,7 @@ class IptablesRenderer:
         svc_chain, svl_chain, ext_chain, fw_chain = self.chain_names(spn)
         cat = categorize_endpoints(svc, eps, cfg.node_name)
         cluster_eps, local_eps = cat.cluster, cat.local
-        # upstream's hasAnyEndpoints: a usable (ready, or serving+terminating) endpoint anywhere
-        has_endpoints = bool(cluster_eps or local_eps) or any(e.ready or (e.serving and e.terminating) for e in eps)
+        has_endpoints = cat.has_any  # upstream's hasAnyEndpoints: a usable endpoint anywhere
 
         external = svc.has_external
         ext_local = external and svc.external_policy_local
