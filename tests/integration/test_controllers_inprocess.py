@@ -305,3 +305,26 @@ async def test_node_without_fresh_status_turns_unknown(tmp_path: Path) -> None:
         assert p["spec"]["nodeName"] == "static"
         s = await reg.get("nodes", None, "static")
         assert s is not None and s["status"]["conditions"][0]["status"] == "True"
+
+
+@async_test
+async def test_restart_adopts_existing_slices_without_writing(tmp_path: Path) -> None:
+    async with apiserver(tmp_path / "db") as reg:
+        await reg.create("services", {"metadata": {"name": "web"}, "spec": {
+            "selector": {"app": "web"}, "ports": [{"name": "http", "port": 80, "targetPort": "http"}]}})
+        for i in range(120):
+            await reg.create("pods", pod(f"p{i:03d}", node_name="n1"))
+            await set_ready(reg, "default", f"p{i:03d}", f"10.244.{i // 100}.{i % 100 + 2}")
+        async with running(reg, controllers=("endpointslice",)) as cs:
+            await eventually(lambda: slices_of(reg, "web"), lambda s: len(endpoints(s)) == 120)
+            await eventually(lambda: asyncio.sleep(0, cs.idle()), bool)
+            before = {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in await slices_of(reg, "web")}
+        async with running(reg, controllers=("endpointslice",)) as cs:
+            ctl = cs["endpointslice"]
+            await eventually(lambda: asyncio.sleep(0, ctl.syncs >= 1 and cs.idle()), bool)
+            after = {s["metadata"]["name"]: s["metadata"]["resourceVersion"] for s in await slices_of(reg, "web")}
+            assert after == before and ctl.writes == 0  # adopted, nothing rewritten
+            # a change after the restart still updates in place
+            await reg.delete("pods", "default", "p000", grace_period_seconds=0)
+            sl = await eventually(lambda: slices_of(reg, "web"), lambda s: len(endpoints(s)) == 119)
+            assert {s["metadata"]["name"] for s in sl} == set(before) and ctl.writes == 1
