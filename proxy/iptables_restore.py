@@ -164,14 +164,10 @@ class Iptables:
             except Exception:  # library missing or libiptc unusable: use the CLI
                 pass
         try:
-            self.run("-t", table, "-S", chain, "1")
+            self.run("-t", table, "-S", chain)  # our canary is empty: one line of output
             return True
         except IptablesError:
-            try:
-                self.run("-t", table, "-n", "-L", chain)
-                return True
-            except IptablesError:
-                return False
+            return False
 
     def list_rules(self, table: str, chain: str) -> list[str]:
         try:
