@@ -176,6 +176,7 @@ class IptablesRenderer:
         self._names: dict[ServicePortName, tuple[str, str, str, str]] = {}
         self._sep_names: dict[tuple[ServicePortName, str], str] = {}
         self._probabilities: dict[int, str] = {}
+        self._rendered_once = False
         self._init_config(config)
 
     def _init_config(self, config: ProxyConfig) -> None:
@@ -232,11 +233,14 @@ class IptablesRenderer:
     # -- render ---------------------------------------------------------------------------
 
     def render(self, state: ProxyState, prior: IptablesPrior | None) -> Plan[IptablesPrior]:
-        if state.config != self.config:
+        config_changed = state.config != self.config
+        if config_changed:
             self._init_config(state.config)
         services = state.services
         endpoints = state.endpoints
-        full = state.changed is None or prior is None
+        # a new config (node IPs, masquerade settings...) changes every port's chains: full sync
+        full = state.changed is None or prior is None or (config_changed and bool(self._rendered_once))
+        self._rendered_once = True
         changed: frozenset[ServicePortName] = state.changed or frozenset()
 
         total_eps = 0

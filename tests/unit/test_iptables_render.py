@@ -301,3 +301,14 @@ def test_renderer_matches_fresh_renderer_after_changes() -> None:
     r.render(state(_two_services((ep("10.244.1.3"),))), None)
     st = state(_two_services((ep("10.244.1.3"), ep("10.244.2.3", "node2"))))
     assert r.render(st, None).payload.text() == IptablesRenderer(CFG).render(st, None).payload.text()
+
+
+def test_config_change_makes_the_next_sync_full() -> None:
+    import dataclasses
+
+    r = IptablesRenderer(CFG)
+    first = r.render(state(_two_services((ep("10.244.1.3"),))), None)
+    cfg2 = dataclasses.replace(CFG, masquerade_all=True)
+    plan = r.render(state(_two_services((ep("10.244.1.3"),)), cfg2, changed=frozenset()), first.prior)
+    assert plan.full and plan.stats["chains_skipped"] == 0
+    assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in plan.payload.text()
