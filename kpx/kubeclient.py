@@ -556,9 +556,13 @@ class Informer:
 
     async def _emit(self, typ: str, old: JSON | None, new: JSON | None) -> None:
         if self.on_event is not None:
-            r = self.on_event(typ, old, new)
-            if inspect.isawaitable(r):
-                await r
+            try:
+                r = self.on_event(typ, old, new)
+                if inspect.isawaitable(r):
+                    await r
+            except Exception:  # a consumer bug must not stop the watch (it is logged loudly)
+                log.exception("informer %s: handler failed on %s %s", self.name, typ,
+                              object_key(new if new is not None else old or {}))
         if self.queue is not None:
             self.queue.put_nowait((typ, old, new))
 

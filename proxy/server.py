@@ -173,6 +173,11 @@ def cleanup_all(opts: ProxyOptions) -> list[str]:
 # --------------------------------------------------------------------------- server
 
 
+def _log_unexpected_exit(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("%s stopped: %r", task.get_name(), task.exception(), exc_info=task.exception())
+
+
 class ProxyServer:
     def __init__(
         self,
@@ -312,8 +317,10 @@ class ProxyServer:
             "node": Informer(self.client, api_path("v1", "nodes"), field_selector=f"metadata.name={self.node_name}",
                              on_event=t.on_node, backoff=self._backoff(), name="node"),
         }
-        tasks = [asyncio.create_task(i.run(), name=f"informer-{k}") for k, i in self.informers.items()]
-        self._tasks.extend(tasks)
+        for k, inf in self.informers.items():
+            task = asyncio.create_task(inf.run(), name=f"informer-{k}")
+            task.add_done_callback(_log_unexpected_exit)
+            self._tasks.append(task)
         await asyncio.gather(*(i.synced.wait() for i in self.informers.values()))
         log.info("informers synced: %d services, %d endpoint slices",
                  len(self.informers["services"].store), len(self.informers["endpointslices"].store))
@@ -328,9 +335,11 @@ class ProxyServer:
         if mb is not None:
             self.metrics_address = await self._serve(self.metrics_app(), mb, "--metrics-bind-address")
         self.health.queued_update()  # the first sync is pending from the start
-        self._tasks.append(asyncio.create_task(self._run_informers(), name="informers"))
-        self._tasks.append(asyncio.create_task(self.syncer.runner.loop(), name="sync-runner"))
-        self._tasks.append(asyncio.create_task(self.syncer.drift_loop(), name="drift-check"))
+        for coro, name in ((self._run_informers(), "informers"), (self.syncer.runner.loop(), "sync-runner"),
+                           (self.syncer.drift_loop(), "drift-check")):
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(_log_unexpected_exit)
+            self._tasks.append(task)
         log.info("proxy started mode=%s node=%s node_ips=%s", self.mode.name, self.node_name,
                  ",".join(self.config.node_ips) or "-")
 

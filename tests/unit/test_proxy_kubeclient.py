@@ -284,3 +284,23 @@ async def test_list_all_follows_continue(s, kc):
     items, rv = await kc.list_all("/api/v1/services", page_size=2)
     assert [o["metadata"]["name"] for o in items] == ["s0", "s1", "s2", "s3", "s4"]
     assert rv == "7" and [q.get("continue") for q in s.lists] == [None, "2", "4"]
+
+
+@with_server
+async def test_a_failing_handler_does_not_stop_the_informer(s, kc):
+    s.objects = {"bad": _svc("bad", 1), "good": _svc("good", 1)}
+    s.watch_script = [[{"type": "ADDED", "object": _svc("later", 3)}], ["hang"]]
+    seen = []
+
+    def on(t, old, new):
+        if new and new["metadata"]["name"] == "bad":
+            raise RuntimeError("consumer bug")
+        seen.append(new["metadata"]["name"])
+
+    inf = Informer(kc, "/api/v1/services", on_event=on, backoff=Backoff(0.01, 0.05))
+    task = asyncio.create_task(inf.run())
+    try:
+        await _until(lambda: "later" in seen)
+    finally:
+        task.cancel()
+    assert seen == ["good", "later"] and set(inf.store) == {"default/bad", "default/good", "default/later"}
