@@ -34,6 +34,15 @@ from typing import Any
 
 from controlplane import fielderrors as fe
 
+
+def _map(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
+
+
 _W = 64
 _MASK = (1 << _W) - 1
 
@@ -208,9 +217,11 @@ class ClusterIPAllocator(_Allocator):
 
     def _offset(self, ip: str) -> int:
         try:
+            if not isinstance(ip, str):
+                raise ValueError(ip)
             addr = ipaddress.ip_address(ip)
         except ValueError:
-            raise RangeError(f"{ip!r} is not a valid IP address") from None
+            raise RangeError(f"{ip} is not a valid IP address") from None
         off = int(addr) - self._base
         if addr.version != self.network.version or not 0 <= off < self.bitmap.size:
             raise RangeError(
@@ -408,7 +419,7 @@ def prepare_service_update(old: dict[str, Any], new: dict[str, Any]) -> None:
 
 def _normalize_cluster_ips(os_: dict[str, Any], ns: dict[str, Any]) -> None:
     """Keep clusterIP and clusterIPs in step when a client only changed one (normalizeClusterIPs)."""
-    old_ips, new_ips = os_.get("clusterIPs") or [], ns.get("clusterIPs") or []
+    old_ips, new_ips = _list(os_.get("clusterIPs")), _list(ns.get("clusterIPs"))
     if old_ips and not new_ips and os_.get("clusterIP") == ns.get("clusterIP"):
         ns["clusterIPs"] = list(old_ips)
         new_ips = ns["clusterIPs"]
@@ -581,7 +592,7 @@ def rebuild(ips: ClusterIPAllocator, ports: NodePortAllocator, services: Iterabl
     or held twice (left as they are, like upstream's repair loop reports them)."""
     warnings: list[str] = []
     for svc in services:
-        meta = svc.get("metadata") or {}
+        meta = _map(svc.get("metadata"))
         who = f"{meta.get('namespace', '')}/{meta.get('name', '')}"
         if needs_cluster_ip(svc):
             for ip in _ips_of(svc):

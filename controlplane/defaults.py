@@ -87,7 +87,7 @@ def default_service(svc: Obj, *, create: bool = True, ip_family: str = "IPv4") -
 
 def _default_ip_families(spec: Obj, cluster_family: str) -> None:
     other = "IPv6" if cluster_family == "IPv4" else "IPv4"
-    ips = [i for i in (spec.get("clusterIPs") or []) if isinstance(i, str)]
+    ips = [i for i in (_list(spec.get("clusterIPs"))) if isinstance(i, str)]
     fams = spec.get("ipFamilies")
     if not isinstance(fams, list) or not fams:
         fams = [f for f in (_family_of(i) for i in ips) if f]
@@ -159,8 +159,8 @@ def _qos_class(spec: Obj) -> str:
     guaranteed = True
     for c in containers:
         res = _map(c.get("resources"))
-        req = res.get("requests") or {}
-        lim = res.get("limits") or {}
+        req = _map(res.get("requests"))
+        lim = _map(res.get("limits"))
         if req or lim:
             any_set = True
         for r in ("cpu", "memory"):

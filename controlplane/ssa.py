@@ -28,6 +28,14 @@ from controlplane.patch import PatchError
 from controlplane.schema import Type
 
 Obj = dict[str, Any]
+
+
+def _map(v: Any) -> dict[str, Any]:
+    return v if isinstance(v, dict) else {}
+
+
+def _list(v: Any) -> list[Any]:
+    return v if isinstance(v, list) else []
 Path = tuple[str, ...]
 _MISSING = object()
 
@@ -193,7 +201,7 @@ def path_string(p: Path) -> str:
 
 
 def _entries(obj: Obj | None) -> list[Obj]:
-    mf = ((obj or {}).get("metadata") or {}).get("managedFields")
+    mf = _map(_map(obj).get("metadata")).get("managedFields")
     return [copy.deepcopy(e) for e in mf if isinstance(e, dict) and e] if isinstance(mf, list) else []
 
 
@@ -310,9 +318,9 @@ def record_update(
 ) -> None:
     if operation == "Apply":
         return  # apply() has recorded the applier's set; defaulting afterwards is nobody's
-    kind = new.get("kind") or (old or {}).get("kind") or ""
+    kind = new.get("kind") or _map(old).get("kind") or ""
     t = schema.root(kind)
-    sent = (new.get("metadata") or {}).get("managedFields")
+    sent = (_map(new.get("metadata"))).get("managedFields")
     if old is None and isinstance(sent, list) and any(
         isinstance(e, dict) and e.get("manager") == manager and e.get("operation") == "Apply" for e in sent
     ):
@@ -321,7 +329,7 @@ def record_update(
     if sent == [{}]:  # "Clearing ManagedFields" (api-concepts)
         new.setdefault("metadata", {}).pop("managedFields", None)
         return
-    entries = _entries(new) if isinstance(sent, list) and sent != (old or {}).get("metadata", {}).get("managedFields") else old_entries
+    entries = _entries(new) if isinstance(sent, list) and sent != _map(_map(old).get("metadata")).get("managedFields") else old_entries
     new_view = _strip(new, kind, subresource)
     changed: set[Path] = set()
     removed: set[Path] = set()
@@ -400,7 +408,7 @@ def apply(
     if applied.get("kind") and kind and applied["kind"] != kind:
         raise PatchError(400, "BadRequest",
                          f"the kind of the apply configuration ({applied['kind']}) does not match the resource ({kind})")
-    ameta = applied.get("metadata") or {}
+    ameta = _map(applied.get("metadata"))
     if ameta.get("managedFields"):
         raise PatchError(400, "BadRequest", "metadata.managedFields must be nil")
     t = schema.root(kind)
@@ -455,8 +463,8 @@ def apply(
     else:
         result = {k: base[k] for k in ("apiVersion", "kind") if k in base}
         result.update({k: applied[k] for k in ("apiVersion", "kind") if applied.get(k)})
-        server_meta = {k: v for k, v in (base.get("metadata") or {}).items() if k in _SERVER_META}
-        result["metadata"] = {**(merged_view.get("metadata") or {}), **server_meta}
+        server_meta = {k: v for k, v in (_map(base.get("metadata"))).items() if k in _SERVER_META}
+        result["metadata"] = {**(_map(merged_view.get("metadata"))), **server_meta}
         result.update({k: v for k, v in merged_view.items() if k != "metadata"})
         if kind in _HAS_STATUS and "status" in base:
             result["status"] = copy.deepcopy(base["status"])

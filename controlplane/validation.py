@@ -249,7 +249,7 @@ def validate_object_meta(obj: Obj, namespaced: bool, name_check: NameCheck) -> l
 
 
 def validate_object_meta_update(new: Obj, old: Obj) -> list[FieldError]:
-    nm, om = new.get("metadata") or {}, old.get("metadata") or {}
+    nm, om = _map(new.get("metadata")), _map(old.get("metadata"))
     out: list[FieldError] = []
     for k in ("name", "namespace", "uid", "creationTimestamp"):
         if om.get(k) and nm.get(k) != om.get(k):
@@ -257,7 +257,8 @@ def validate_object_meta_update(new: Obj, old: Obj) -> list[FieldError]:
     if om.get("deletionTimestamp") and nm.get("deletionTimestamp") != om.get("deletionTimestamp"):
         out.append(fe.invalid("metadata.deletionTimestamp", nm.get("deletionTimestamp"), MSG_IMMUTABLE))
     if om.get("deletionTimestamp"):
-        added = set(nm.get("finalizers") or []) - set(om.get("finalizers") or [])
+        added = {f for f in _list(nm.get("finalizers")) if isinstance(f, str)} - {
+            f for f in _list(om.get("finalizers")) if isinstance(f, str)}
         if added:
             out.append(fe.forbidden("metadata.finalizers", f"no new finalizers can be added if the object is being deleted, found new finalizers {sorted(added)}"))
     return out
@@ -388,7 +389,7 @@ def validate_service(svc: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list
                    fe.not_supported("spec.sessionAffinity", sa, ("ClientIP", "None")))
     cfg = spec.get("sessionAffinityConfig")
     if sa == "ClientIP":
-        t = ((cfg or {}).get("clientIP") or {}).get("timeoutSeconds") if isinstance(cfg, dict) else None
+        t = _map(_map(cfg).get("clientIP")).get("timeoutSeconds")
         if not _is_int(t) or not 0 < t <= 86400:
             out.append(fe.invalid("spec.sessionAffinityConfig.clientIP.timeoutSeconds", t,
                                   "must be greater than 0 and less than 86400"))
@@ -427,7 +428,7 @@ def validate_service(svc: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list
         out.append(fe.forbidden("spec.allocateLoadBalancerNodePorts", "may only be used when `type` is 'LoadBalancer'"))
     if spec.get("loadBalancerSourceRanges") and stype != "LoadBalancer":
         out.append(fe.forbidden("spec.loadBalancerSourceRanges", "may only be used when `type` is 'LoadBalancer'"))
-    for i, r in enumerate(spec.get("loadBalancerSourceRanges") or []):
+    for i, r in enumerate(_list(spec.get("loadBalancerSourceRanges"))):
         try:
             ipaddress.ip_network(str(r).strip(), strict=False)
         except ValueError:
@@ -435,7 +436,7 @@ def validate_service(svc: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list
                                   "must be a list of IP ranges. For example, 10.240.0.0/24,10.250.0.0/24 "))
     if spec.get("loadBalancerClass") is not None and stype != "LoadBalancer":
         out.append(fe.forbidden("spec.loadBalancerClass", "may only be used when service type is 'LoadBalancer'"))
-    for i, ip in enumerate(spec.get("externalIPs") or []):
+    for i, ip in enumerate(_list(spec.get("externalIPs"))):
         if _ip(ip) is None:
             out.append(fe.invalid(f"spec.externalIPs[{i}]", ip, "must be a valid IP address, (e.g. 10.9.8.7 or 2001:db8::ffff)"))
     out += validate_labels(spec.get("selector"), "spec.selector")
@@ -493,14 +494,14 @@ def _validate_cluster_ips(spec: Obj, cips: list[Any], stype: Any, ip_families: t
 
 def validate_service_update(new: Obj, old: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[FieldError]:
     out = validate_object_meta_update(new, old)
-    ns, os_ = new.get("spec") or {}, old.get("spec") or {}
+    ns, os_ = _map(new.get("spec")), _map(old.get("spec"))
     if "ExternalName" not in (ns.get("type"), os_.get("type")):
         old_ips = os_.get("clusterIPs") or ([os_["clusterIP"]] if os_.get("clusterIP") else [])
         new_ips = ns.get("clusterIPs") or ([ns["clusterIP"]] if ns.get("clusterIP") else [])
         for i, ip in enumerate(old_ips[: min(len(old_ips), len(new_ips)) or 1]):
             if i >= len(new_ips) or new_ips[i] != ip:
                 out.append(fe.invalid(f"spec.clusterIPs[{i}]", new_ips, "may not change once set"))
-        old_f, new_f = os_.get("ipFamilies") or [], ns.get("ipFamilies") or []
+        old_f, new_f = _list(os_.get("ipFamilies")), _list(ns.get("ipFamilies"))
         for i in range(min(len(old_f), len(new_f))):
             if old_f[i] != new_f[i]:
                 out.append(fe.invalid(f"spec.ipFamilies[{i}]", new_f, "may not change once set"))
@@ -586,7 +587,7 @@ def validate_endpointslice(es: Obj, ip_families: tuple[str, ...] = ("IPv4",)) ->
         if topo is not None:
             out += validate_labels(topo, f"{p}.deprecatedTopology")
         hints = ep.get("hints")
-        if isinstance(hints, dict) and len(hints.get("forZones") or []) > 8:
+        if isinstance(hints, dict) and len(_list(hints.get("forZones"))) > 8:
             out.append(fe.too_many(f"{p}.hints.forZones", len(hints["forZones"]), 8))
     ports = _dicts(es.get("ports"))
     if len(ports) > 100:
@@ -756,7 +757,7 @@ def _pod_spec_mutable_masked(spec: Obj, other: Obj) -> Obj:
 
 def validate_pod_update(new: Obj, old: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[FieldError]:
     out = validate_object_meta_update(new, old)
-    ns, os_ = new.get("spec") or {}, old.get("spec") or {}
+    ns, os_ = _map(new.get("spec")), _map(old.get("spec"))
     if _pod_spec_mutable_masked(ns, os_) != _pod_spec_mutable_masked(os_, os_):
         changed = sorted(k for k in set(ns) | set(os_) if ns.get(k) != os_.get(k))
         out.append(fe.forbidden("spec", _POD_UPDATE_MSG + "\n  changed: " + ", ".join(changed)))
@@ -811,7 +812,7 @@ def validate_node(node: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[F
 
 def validate_node_update(new: Obj, old: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[FieldError]:
     out = validate_object_meta_update(new, old)
-    ns, os_ = new.get("spec") or {}, old.get("spec") or {}
+    ns, os_ = _map(new.get("spec")), _map(old.get("spec"))
     if os_.get("podCIDRs") and ns.get("podCIDRs") != os_.get("podCIDRs"):
         out.append(fe.forbidden("spec.podCIDRs", "node updates may not change podCIDR except from \"\" to valid"))
     if os_.get("providerID") and ns.get("providerID") != os_.get("providerID"):
@@ -822,7 +823,7 @@ def validate_node_update(new: Obj, old: Obj, ip_families: tuple[str, ...] = ("IP
 def validate_namespace(ns: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list[FieldError]:
     out = validate_object_meta(ns, False, dns1123_label)
     spec = _map(ns.get("spec"))
-    for i, f in enumerate(spec.get("finalizers") or []):
+    for i, f in enumerate(_list(spec.get("finalizers"))):
         if f != "kubernetes":
             out += _strs(qualified_name(f) if isinstance(f, str) else ["must be a string"], f"spec.finalizers[{i}]", f)
             if isinstance(f, str) and "/" not in f:
@@ -887,7 +888,7 @@ def validate_status_update(kind: str, new: Obj, old: Obj) -> list[FieldError]:
         if st.get("podIP") and _ip(st["podIP"]) is None:
             out.append(fe.invalid("status.podIP", st["podIP"], "must be a valid IP address"))
     elif kind == "Service":
-        for i, ing in enumerate(_dicts((st.get("loadBalancer") or {}).get("ingress"))):
+        for i, ing in enumerate(_dicts((_map(st.get("loadBalancer"))).get("ingress"))):
             if ing.get("ip") and _ip(ing["ip"]) is None:
                 out.append(fe.invalid(f"status.loadBalancer.ingress[{i}].ip", ing["ip"], "must be a valid IP address"))
     elif kind == "Node":
