@@ -124,7 +124,7 @@ class ControllerSet:
             pending = list(pending_set)
             for t in done:
                 if not t.cancelled() and t.exception() is not None:
-                    log.error("component=controllers %s stopped: %r", t.get_name(), t.exception())
+                    log.error("%s stopped: %r", t.get_name(), t.exception())
 
     async def wait_synced(self) -> None:
         await self.informers.wait_synced()

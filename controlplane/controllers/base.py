@@ -80,9 +80,9 @@ class Controller(Generic[K]):
                 n = self.queue.retry(key) if self.queue_retry_allowed(key) else MAX_RETRIES + 1
                 code = error_code(e)
                 if code is None and n == 1:
-                    self.log.exception("component=controllers controller=%s key=%s sync failed", self.name, key)
+                    self.log.exception("controller=%s key=%s sync failed", self.name, key)
                 else:
-                    self.log.info("component=controllers controller=%s key=%s sync failed (%s: %s), retry %d",
+                    self.log.info("controller=%s key=%s sync failed (%s: %s), retry %d",
                                   self.name, key, type(e).__name__, e, n)
             else:
                 self.queue.forget(key)

@@ -38,4 +38,4 @@ async def record(registry: Registry, obj: Mapping[str, Any], kind: str, etype: s
     try:
         await registry.create("events", ev, namespace=ev["metadata"]["namespace"])
     except Exception as e:  # e.g. the namespace is terminating
-        log.debug("component=controllers event %s %s not recorded: %s", reason, ev["metadata"]["name"], e)
+        log.debug("event %s %s not recorded: %s", reason, ev["metadata"]["name"], e)

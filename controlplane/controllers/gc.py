@@ -116,7 +116,7 @@ class GarbageCollector(Controller[GCKey]):
         try:
             await self.registry.delete(resource, ns or None, name, preconditions={"uid": uid_of(obj)})
             self.deleted += 1
-            self.log.info("component=controllers controller=%s deleted %s %s/%s: owners gone",
+            self.log.info("controller=%s deleted %s %s/%s: owners gone",
                           self.name, resource, ns, name)
         except Exception as e:
             if not (is_not_found(e) or is_conflict(e)):

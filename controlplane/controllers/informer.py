@@ -129,7 +129,7 @@ class Informer:
                     need_list = False
                 async for etype, obj in self.registry.watch(self.resource, resource_version=self.last_rv):
                     if etype == "ERROR":
-                        log.info("component=controllers informer=%s watch error %s; relisting",
+                        log.info("informer=%s watch error %s; relisting",
                                  self.resource, obj.get("message") if isinstance(obj, dict) else obj)
                         need_list = True
                         break
@@ -142,7 +142,7 @@ class Informer:
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # the registry failed: relist after a pause
-                log.info("component=controllers informer=%s watch failed (%s); relisting", self.resource, e)
+                log.info("informer=%s watch failed (%s); relisting", self.resource, e)
                 need_list = True
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 5.0)
@@ -266,7 +266,7 @@ def _safe(fn: Callable[..., None], *args: Obj) -> None:
     try:
         fn(*args)
     except Exception:  # a handler bug must not stop the informer
-        log.exception("component=controllers informer handler failed")
+        log.exception("informer handler failed")
 
 
 class InformerFactory:

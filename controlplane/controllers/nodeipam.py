@@ -169,7 +169,7 @@ class NodeIpamController(Controller[str]):
         for node in sorted(self.nodes.items(), key=lambda n: meta(n).get("creationTimestamp") or ""):
             name = meta(node).get("name") or ""
             for c in self.alloc.occupy_node(name, node_pod_cidrs(node)):
-                self.log.warning("component=controllers controller=%s node=%s podCIDR %s is also assigned to %s",
+                self.log.warning("controller=%s node=%s podCIDR %s is also assigned to %s",
                                  self.name, name, c, self.alloc.owner.get(c))
         self.ready = True
 
@@ -189,7 +189,7 @@ class NodeIpamController(Controller[str]):
         cidrs = self.alloc.allocate_node(name)
         if cidrs is None:
             self.waiting.add(name)
-            self.log.warning("component=controllers controller=%s node=%s no pod CIDR left", self.name, name)
+            self.log.warning("controller=%s node=%s no pod CIDR left", self.name, name)
             self.queue.add_after(name, 30.0)
             return
         new = dict(node)
@@ -202,4 +202,4 @@ class NodeIpamController(Controller[str]):
                 return
             raise
         self.waiting.discard(name)
-        self.log.info("component=controllers controller=%s node=%s podCIDRs=%s", self.name, name, ",".join(cidrs))
+        self.log.info("controller=%s node=%s podCIDRs=%s", self.name, name, ",".join(cidrs))

@@ -82,5 +82,5 @@ class NodeLifecycleController(Controller[str]):
                 return
             raise
         self.marked += 1
-        self.log.info("component=controllers controller=%s node=%s Ready=Unknown: no status for %.0fs",
+        self.log.info("controller=%s node=%s Ready=Unknown: no status for %.0fs",
                       self.name, name, self.grace)

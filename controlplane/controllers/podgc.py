@@ -112,7 +112,7 @@ class PodLifecycleController(Controller[Key]):
             await self.registry.delete("pods", key[0], key[1], preconditions={"uid": uid_of(pod)},
                                        grace_period_seconds=0)
             self.force_deleted += 1
-            self.log.info("component=controllers controller=%s force-deleted pod %s/%s (node %s %s)",
+            self.log.info("controller=%s force-deleted pod %s/%s (node %s %s)",
                           self.name, key[0], key[1], node_name, "gone" if node is None else "NotReady")
         except Exception as e:
             if not (is_not_found(e) or is_conflict(e)):
