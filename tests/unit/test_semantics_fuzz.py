@@ -34,7 +34,7 @@ junk = st.recursive(scalars, lambda c: st.lists(c, max_size=3) | st.dictionaries
                     max_leaves=14)
 objs = st.dictionaries(st.sampled_from(KEYS), junk, max_size=5)
 
-SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=int(__import__("os").environ.get("FUZZ_EXAMPLES", "80")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def named(o, kind):

@@ -261,7 +261,7 @@ svc_specs = st.fixed_dictionaries({}, optional={
         {}, optional={"timeoutSeconds": st.integers(1, 3)})})})
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(labels, svc_specs, labels, svc_specs)
 def test_diff_matches_its_definition(l1, s1, l2, s2):
     from controlplane.ssa import _diff
