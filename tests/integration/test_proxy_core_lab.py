@@ -35,6 +35,14 @@ def cluster() -> Iterator[Any]:
         yield c
 
 
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return "zombie" not in f.read().lower()
+    except OSError:
+        return False
+
+
 def udp_fixed(cluster: Any, pod: str, ip: str, port: int) -> str:
     netns = cluster.pod_netns(pod)
     p = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-I", "-c", UDP_FIXED_SPORT, ip, str(port)],
@@ -92,3 +100,54 @@ def test_node_servers_on_upstream_ports(cluster: Any) -> None:
     assert p.returncode == 0, p.stderr
     doc = json.loads(p.stdout)
     assert doc["code"] == 200 and doc["body"]["nodeEligible"] is True and doc["mode"] == "iptables"
+
+
+def test_rules_survive_a_proxy_stop_and_a_flush_is_repaired(cluster: Any, tmp_path: Any) -> None:
+    """kube-proxy semantics: stopping the proxy leaves the data plane as it is; a restarted proxy
+    (the real CLI, here with a 2 s sync period) notices a flushed nat table through its canary
+    check and repairs it with a full resync."""
+    import os
+    import signal
+
+    from netns.up import node_kubeconfig_path
+
+    pod, svc = unique_name("flush"), unique_name("flushs")
+    cluster.create_pod(pod, node="node1", labels={"app": svc})
+    cluster.wait_ready(pod)
+    s = cluster.create_service(svc, {"app": svc}, [{"name": "t", "port": 80, "targetPort": 8080}], type="NodePort")
+    node_port = s["spec"]["ports"][0]["nodePort"]
+    n1 = cluster.lab.nodes[0]
+    assert cluster.ask_from_ext("tcp", n1.ip, node_port, retry=20).startswith(f"pod={pod} ")
+    old = cluster.component_pid("proxy/node1")
+    os.kill(old, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and alive(old):
+        time.sleep(0.1)
+    # no proxy on node1 now, yet its rules still carry traffic
+    assert cluster.ask_from_ext("tcp", n1.ip, node_port).startswith(f"pod={pod} ")
+    log = open(tmp_path / "proxy.log", "wb")  # noqa: SIM115 - closed in finally
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", n1.netns, sys.executable, "-m", "kpx", "proxy", "--proxy-mode", "iptables",
+         "--kubeconfig", str(node_kubeconfig_path(cluster.lab)), "--hostname-override", "node1",
+         "--cluster-cidr", cluster.lab.pod_cidr, "--iptables-sync-period", "2s", "--iptables-min-sync-period", "100ms"],
+        stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while "sync ok kind=full" not in (tmp_path / "proxy.log").read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "proxy.log").read_text()
+            time.sleep(0.2)
+        for ipt in ("iptables-nft", "iptables-legacy"):
+            subprocess.run(["ip", "netns", "exec", n1.netns, ipt, "-t", "nat", "-F"], capture_output=True)
+        deadline = time.monotonic() + 30
+        while "forcing a full resync" not in (tmp_path / "proxy.log").read_text():
+            assert time.monotonic() < deadline, (tmp_path / "proxy.log").read_text()
+            time.sleep(0.2)
+        assert cluster.ask_from_ext("tcp", n1.ip, node_port, retry=20).startswith(f"pod={pod} ")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
