@@ -24,7 +24,7 @@ def _per_op(alloc: ClusterIPAllocator | NodePortAllocator, ops: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--allocated", type=int, default=30000)
     ap.add_argument("--ops", type=int, default=5000)
     a = ap.parse_args(argv)

@@ -24,6 +24,7 @@ import json
 from typing import Any
 
 import jsonpatch
+import orjson
 
 from controlplane import schema
 from controlplane.schema import Type
@@ -32,6 +33,14 @@ Obj = dict[str, Any]
 
 GENERIC_422 = "the server rejected our request due to an error in our request"
 MAX_JSON_PATCH_OPS = 10000
+
+
+def clone(v: Any) -> Any:
+    """Deep copy of a JSON value, several times faster than copy.deepcopy."""
+    try:
+        return orjson.loads(orjson.dumps(v))
+    except (TypeError, orjson.JSONEncodeError):
+        return copy.deepcopy(v)
 
 
 class PatchError(Exception):
@@ -67,7 +76,7 @@ def _merge(target: Any, patch: Any) -> Any:
 
 
 def merge_patch(current: Obj, patch: Any) -> Obj:
-    result = _merge(copy.deepcopy(current), patch)
+    result = _merge(clone(current), patch)
     if not isinstance(result, dict):
         raise PatchError(400, "BadRequest", "the merge patch must be a JSON object")
     return result
@@ -89,7 +98,7 @@ def json_patch(current: Obj, ops: Any) -> Obj:
     for op in ops:
         if not isinstance(op, dict) or "op" not in op:
             raise PatchError(400, "BadRequest", "Unexpected kind: <nil>" if isinstance(op, dict) else "invalid JSON patch operation")
-    result: Any = copy.deepcopy(current)
+    result: Any = clone(current)
     for op in ops:
         try:
             result = jsonpatch.JsonPatch([op]).apply(result, in_place=True)
@@ -207,7 +216,7 @@ def _smp_list(orig: list[Any], patch: list[Any], t: Type | None, order: list[Any
             if x not in out:
                 out.append(copy.deepcopy(x))
         return _apply_order(out, order, "", orig) if order is not None else out
-    out = [copy.deepcopy(x) for x in orig]
+    out = list(orig)  # the caller's copy: items are replaced, never changed in place
     for item in patch:
         if not isinstance(item, dict):
             raise ValueError(f"the list items of a merge list must be objects keyed by {key!r}")
@@ -263,7 +272,7 @@ def strategic_merge_patch(current: Obj, patch: Any, kind: str) -> Obj:
     if not isinstance(patch, dict):
         raise _invalid_patch(patch, "the strategic merge patch must be a JSON object")
     try:
-        result = _smp_map(copy.deepcopy(current), patch, schema.root(kind))
+        result = _smp_map(clone(current), patch, schema.root(kind))
     except ValueError as e:
         raise _invalid_patch(patch, str(e)) from None
     if not isinstance(result, dict):

@@ -18,13 +18,12 @@ value the apply would change -> 409 Conflict with `FieldManagerConflict` causes,
 
 from __future__ import annotations
 
-import copy
 import json
 from datetime import UTC, datetime
 from typing import Any
 
 from controlplane import schema
-from controlplane.patch import PatchError
+from controlplane.patch import PatchError, clone
 from controlplane.schema import Type
 
 Obj = dict[str, Any]
@@ -202,7 +201,7 @@ def path_string(p: Path) -> str:
 
 def _entries(obj: Obj | None) -> list[Obj]:
     mf = _map(_map(obj).get("metadata")).get("managedFields")
-    return [copy.deepcopy(e) for e in mf if isinstance(e, dict) and e] if isinstance(mf, list) else []
+    return [e for e in clone(mf) if isinstance(e, dict) and e] if isinstance(mf, list) else []
 
 
 def _ident(e: Obj) -> tuple[str, str, str, str]:
@@ -376,7 +375,7 @@ def _merge(live: Any, applied: Any, t: Type | None) -> Any:
                 out[k] = _merge(live.get(k, _MISSING), v, _field(t, k))
         return out
     if isinstance(applied, list) and isinstance(live, list) and t is not None and t.kind == "list" and t.list_type != "atomic":
-        out_l = [copy.deepcopy(x) for x in live]
+        out_l = list(live)  # live is apply()'s own copy; items are replaced, not changed
         for item in applied:
             ik = _item_key(item, t) if t.list_type == "map" else "v:" + _dumps(item)
             idx = next((i for i, x in enumerate(out_l)
@@ -388,7 +387,7 @@ def _merge(live: Any, applied: Any, t: Type | None) -> Any:
         return out_l
     if isinstance(applied, dict):
         return {k: _merge(_MISSING, v, _field(t, k)) for k, v in applied.items() if v is not None}
-    return copy.deepcopy(applied)
+    return clone(applied)
 
 
 def apply(
@@ -412,7 +411,7 @@ def apply(
     if ameta.get("managedFields"):
         raise PatchError(400, "BadRequest", "metadata.managedFields must be nil")
     t = schema.root(kind)
-    base = copy.deepcopy(live) if live is not None else {}
+    base = clone(live) if live is not None else {}
     entries = _entries(live)
     applied_view = _strip(applied, kind, subresource)
     new_fs = fieldset(applied_view, t)
@@ -456,7 +455,7 @@ def apply(
     out_entries.append(_entry(manager, "Apply", api_version, subresource, new_fs))
     # put the merged view back together with the untracked parts of the live object
     if subresource == "status":
-        result = copy.deepcopy(base)
+        result = base
         result.pop("status", None)
         if "status" in merged_view:
             result["status"] = merged_view["status"]
@@ -467,7 +466,7 @@ def apply(
         result["metadata"] = {**(_map(merged_view.get("metadata"))), **server_meta}
         result.update({k: v for k, v in merged_view.items() if k != "metadata"})
         if kind in _HAS_STATUS and "status" in base:
-            result["status"] = copy.deepcopy(base["status"])
+            result["status"] = base["status"]
     if live is None:
         for k in ("name", "namespace", "generateName"):
             if ameta.get(k):
