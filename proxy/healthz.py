@@ -1,7 +1,9 @@
 """kube-proxy's health servers (pkg/proxy/healthcheck).
 
 - `ProxyHealth`: /healthz and /livez on :10256. Healthy unless a change has been queued for
-  longer than `timeout` (2 x syncPeriod upstream) without a successful sync. /healthz is also 503
+  longer than `timeout` (2 x syncPeriod upstream) without a successful sync. Unlike upstream, the
+  first sync counts as queued from start-up, so a proxy that never programs anything (apiserver
+  unreachable since start) turns unhealthy after the timeout instead of staying healthy. /healthz is also 503
   when the Node is being deleted or tainted ToBeDeletedByClusterAutoscaler (KEP-3836);
   /livez keeps the old semantics. Body: {"lastUpdated", "currentTime", "nodeEligible"}.
 - `ServiceHealthServers`: one HTTP listener per healthCheckNodePort (ETP=Local LoadBalancer
@@ -63,11 +65,14 @@ class ProxyHealth:
             return True, now
         return now - self.oldest_pending < self.timeout, now
 
-    def body(self, now: float) -> bytes:
-        return (
-            f'{{"lastUpdated": "{go_time(self.last_updated)}","currentTime": "{go_time(now)}", '
-            f'"nodeEligible": {"true" if self.node_eligible() else "false"}}}'
-        ).encode()
+    def body(self, now: float, healthy: bool, eligible: bool | None) -> bytes:
+        """Upstream's body, byte for byte in layout; when healthy, lastUpdated is reported as now
+        (upstream keeps that for compatibility with old releases). /livez has no nodeEligible."""
+        last = now if healthy else self.last_updated
+        text = f'{{"lastUpdated": "{go_time(last)}","currentTime": "{go_time(now)}"'
+        if eligible is not None:
+            text += f', "nodeEligible": {"true" if eligible else "false"}'
+        return (text + "}").encode()
 
     async def healthz(self, request: web.Request) -> web.Response:
         healthy, now = self.is_healthy()
@@ -75,19 +80,19 @@ class ProxyHealth:
         code = 200 if healthy and eligible else 503
         if self.metrics is not None:
             self.metrics.healthz_total.labels(str(code)).inc()
-        return self._answer(code, now)
+        return self._answer(code, self.body(now, code == 200, eligible))
 
     async def livez(self, request: web.Request) -> web.Response:
         healthy, now = self.is_healthy()
         code = 200 if healthy else 503
         if self.metrics is not None:
             self.metrics.livez_total.labels(str(code)).inc()
-        return self._answer(code, now)
+        return self._answer(code, self.body(now, healthy, None))
 
-    def _answer(self, code: int, now: float) -> web.Response:
+    def _answer(self, code: int, body: bytes) -> web.Response:
         return web.Response(
             status=code,
-            body=self.body(now),
+            body=body,
             content_type="application/json",
             headers={"X-Content-Type-Options": "nosniff"},
         )

@@ -75,6 +75,8 @@ def test_healthz_and_livez_over_http():
                 eligible[0] = False  # node being deleted: /healthz drains, /livez stays up
                 out.append(await get("/healthz"))
                 out.append(await get("/livez"))
+                c.t += 5
+                out.append(await get("/healthz"))  # 503: lastUpdated is the real last sync
                 h.queued_update()
                 c.t += 120
                 out.append(await get("/livez"))
@@ -83,12 +85,15 @@ def test_healthz_and_livez_over_http():
         return out, m
 
     out, m = asyncio.run(main())
-    (c1, b1, ct), (c2, b2, _), (c3, _, _), (c4, _, _) = out
-    assert (c1, c2, c3, c4) == (200, 503, 200, 503)
+    (c1, b1, ct), (c2, b2, _), (c3, b3, _), (c5, b5, _), (c4, _, _) = out
+    assert (c1, c2, c3, c5, c4) == (200, 503, 200, 503, 503)
     assert ct.startswith("application/json")
     assert set(b1) == {"lastUpdated", "currentTime", "nodeEligible"} and b1["nodeEligible"] is True
+    assert b1["lastUpdated"] == b1["currentTime"]  # healthy: upstream reports now
+    assert set(b3) == {"lastUpdated", "currentTime"}  # /livez has no nodeEligible
     assert b2["nodeEligible"] is False
-    assert m.registry.get_sample_value("kubeproxy_proxy_healthz_total", {"code": "503"}) == 1
+    assert b5["lastUpdated"] != b5["currentTime"]
+    assert m.registry.get_sample_value("kubeproxy_proxy_healthz_total", {"code": "503"}) == 2
     assert m.registry.get_sample_value("kubeproxy_proxy_livez_total", {"code": "200"}) == 1
 
 
