@@ -98,6 +98,16 @@ def run(pods: int, nodes: int, workers: int, image: str | None) -> dict[str, Any
             t0 = time.perf_counter()
             destroy_many(sbs)
             out["pipeline_teardown_s"] = round(time.perf_counter() - t0, 3)
+        # bulk: what lab.add_pods does, all of a node's sandboxes in one holder exec
+        t0 = time.perf_counter()
+        per_node = [[("bench", f"r{i}") for i in range(pods) if i % nodes == k] for k in range(nodes)]
+        sbs = [sb for batch in pool.map(lambda k: Sandbox.create_many(lab, k + 1, per_node[k]), range(nodes))
+               for sb in batch]  # fmt: skip
+        dt = time.perf_counter() - t0
+        out["bulk_sandbox_create_per_s"] = round(pods / dt, 1)
+        t0 = time.perf_counter()
+        destroy_many(sbs)
+        out["bulk_teardown_s"] = round(time.perf_counter() - t0, 3)
         pool.shutdown()
     finally:
         t0 = time.perf_counter()

@@ -4,10 +4,11 @@ node's cni0 bridge like the CNI bridge plugin does, and containers that join tho
     node netns kpx-<lab>-node<i>: cni0 ── veth<hash> ══ eth0 (pod netns kpx-<lab>-<ns>-<pod>)
     pod eth0 10.244.<i>.<n>/24, default via 10.244.<i>.1 (cni0), hostname = pod name
 
-The holder is `netns/holder/kpx-holder` (a ~100-line static C program, built on first use or by
-`make setup`): one exec does unshare(NET|UTS|IPC), sethostname, lo up and the /run/netns bind
-mount, then the process forks off a pause loop that reaps children; RSS ~0.7 MiB (catatonit -P
-measures the same, but would need unshare + hostname + ip execs around it).
+The holder is `netns/holder/kpx-holder` (a small static C program, built on first use or by
+`make setup`): it forks one holder per sandbox that does unshare(NET|UTS|IPC), sethostname,
+lo up and the /run/netns bind mount, then sleeps in pause() reaping children; RSS ~0.25 MiB
+(catatonit -P measures ~0.7 MiB and would need unshare + hostname + ip execs around it). One
+exec can start the holders of many pods (`Sandbox.create_many`).
 
 Each sandbox is recorded in <lab state>/sandboxes/<netns>.json before anything is created, with
 the holder's and containers' PID + start time, its veth and its IPAM lease, so a restarted agent
@@ -23,6 +24,7 @@ import os
 import random
 import subprocess
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -138,70 +140,80 @@ class Sandbox:
     ) -> Sandbox:
         """Create the pod's netns + holder, veth into the node's cni0, eth0 with ip (leased from
         the node's IPAM when ip is None), default route via cni0. Rolls back on failure."""
+        return cls.create_many(lab, node, [(namespace, pod, ip)], prefixlen=prefixlen, gateway=gateway)[0]
+
+    @classmethod
+    def create_many(
+        cls,
+        lab: Lab,
+        node: int | str | LabNode,
+        pods: Iterable[tuple[str, str] | tuple[str, str, str | None]],
+        prefixlen: int | None = None,
+        gateway: str | None = None,
+    ) -> builtins.list[Sandbox]:
+        """Create sandboxes for (namespace, pod[, ip]) on one node: one holder exec and one
+        `ip -batch` write for all of them, then each pod's eth0. All or nothing."""
         from netns.lab import LabNode
 
         n = node if isinstance(node, LabNode) else lab.node(node)
-        netns = lab.pod_netns(namespace, pod)
-        if ns.netns_exists(netns) or cls.record_path(lab.state_dir, netns).exists():
-            raise SandboxError(f"sandbox {netns} already exists (pod {namespace}/{pod})")
-        sb = cls(
-            lab=lab.name,
-            node=n.name,
-            node_netns=n.netns,
-            bridge=n.bridge,
-            namespace=namespace,
-            pod=pod,
-            netns=netns,
-            ip=ip or "",
-            prefixlen=prefixlen or int(n.pod_cidr.split("/")[1]),
-            gateway=gateway or n.bridge_ip,
-            veth_host=veth_name(lab.name, namespace, pod),
-            state_dir=lab.state_dir,
-        )
-        if not ip:
-            # a lease made just before a crash is found again by key (allocate is idempotent)
-            # and goes with the lab's state dir at destroy
-            ipam = lab.ipam(n)
-            sb.ipam_dir, sb.ipam_key = str(ipam.dir), f"{namespace}/{pod}"
-            sb.ip = ipam.allocate(sb.ipam_key)
-        sb.save()  # before any kernel object: destroy always finds them
+        sbs: builtins.list[Sandbox] = []
+        seen: set[str] = set()
+        for item in pods:
+            namespace, pod = item[0], item[1]
+            ip = item[2] if len(item) > 2 else None  # type: ignore[misc]
+            netns = lab.pod_netns(namespace, pod)
+            if netns in seen or ns.netns_exists(netns) or cls.record_path(lab.state_dir, netns).exists():
+                raise SandboxError(f"sandbox {netns} already exists (pod {namespace}/{pod})")
+            seen.add(netns)
+            sbs.append(
+                cls(
+                    lab=lab.name,
+                    node=n.name,
+                    node_netns=n.netns,
+                    bridge=n.bridge,
+                    namespace=namespace,
+                    pod=pod,
+                    netns=netns,
+                    ip=ip or "",
+                    prefixlen=prefixlen or int(n.pod_cidr.split("/")[1]),
+                    gateway=gateway or n.bridge_ip,
+                    veth_host=veth_name(lab.name, namespace, pod),
+                    state_dir=lab.state_dir,
+                )
+            )
+        if not sbs:
+            return sbs
         try:
-            sb._start_holder()
-            sb._wire()
+            for sb in sbs:
+                if not sb.ip:
+                    # a lease made just before a crash is found again by key (allocate is
+                    # idempotent) and goes with the lab's state dir at destroy
+                    ipam = lab.ipam(n)
+                    sb.ipam_dir, sb.ipam_key = str(ipam.dir), f"{sb.namespace}/{sb.pod}"
+                    sb.ip = ipam.allocate(sb.ipam_key)
+                sb.save()  # before any kernel object: destroy always finds them
+            _start_holders(sbs)
+            ns.ip_shell(n.netns).run(line for sb in sbs for line in sb._node_side())
+            for sb in sbs:
+                # pod side: addr, up, default route (ioctls from a setns'd thread, no exec)
+                ns.configure_iface(sb.netns, "eth0", sb.ip, sb.prefixlen, sb.gateway)
         except BaseException:
-            sb.destroy(grace=0)
+            destroy_many(sbs, grace=0)
             raise
-        sb.status = "ready"
-        sb.save()
-        return sb
+        for sb in sbs:
+            sb.status = "ready"
+            sb.save()
+        return sbs
 
-    def _start_holder(self) -> None:
-        hostname = self.pod[:HOSTNAME_MAX].rstrip("-.") or self.pod[:HOSTNAME_MAX]
-        p = subprocess.run(
-            [holder_binary(), ns.netns_path(self.netns), hostname],
-            capture_output=True,
-            text=True,
-            stdin=subprocess.DEVNULL,
-        )
-        words = p.stdout.split()
-        if p.returncode != 0 or len(words) != 2 or words[0] != "ready":
-            raise SandboxError(f"holder for {self.netns} failed: {p.stderr.strip() or p.stdout.strip()}")
-        self.holder_pid = int(words[1])
-        self.holder_start = ns.proc_starttime(self.holder_pid)
-
-    def _wire(self) -> None:
+    def _node_side(self) -> builtins.list[str]:
         v = self.veth_host
-        ns.ip_shell(self.node_netns).run(
-            [
-                f"link add {v} type veth peer name eth0 netns {self.netns}",
-                f"link set {v} master {self.bridge}",
-                # a pod reaching itself through its Service comes back on the same port
-                f"link set {v} type bridge_slave hairpin on",
-                f"link set {v} up",
-            ]
-        )
-        # pod side: addr, up, default route (ioctls from a setns'd thread, no `ip` exec)
-        ns.configure_iface(self.netns, "eth0", self.ip, self.prefixlen, self.gateway)
+        return [
+            f"link add {v} type veth peer name eth0 netns {self.netns}",
+            f"link set {v} master {self.bridge}",
+            # a pod reaching itself through its Service comes back on the same port
+            f"link set {v} type bridge_slave hairpin on",
+            f"link set {v} up",
+        ]
 
     # -- state -----------------------------------------------------------------------------
 
@@ -358,6 +370,29 @@ def destroy_many(sandboxes: builtins.list[Sandbox], grace: float = 2.0) -> None:
             os.unlink(sb.path)
         except FileNotFoundError:
             pass
+
+
+def _start_holders(sbs: builtins.list[Sandbox]) -> None:
+    """One kpx-holder exec for all sandboxes: it forks one holder per pod and prints
+    "ready PID PATH" (or "error PATH ...") per pod, in order."""
+    argv = [holder_binary()]
+    for sb in sbs:
+        argv += [ns.netns_path(sb.netns), sb.pod[:HOSTNAME_MAX].rstrip("-.") or sb.pod[:HOSTNAME_MAX]]
+    p = subprocess.run(argv, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    by_path = {ns.netns_path(sb.netns): sb for sb in sbs}
+    errors = []
+    for line in p.stdout.splitlines():
+        words = line.split(" ", 3)
+        if words[0] == "ready" and len(words) == 3 and words[2] in by_path:
+            sb = by_path[words[2]]
+            sb.holder_pid = int(words[1])
+            sb.holder_start = ns.proc_starttime(sb.holder_pid)
+        else:
+            errors.append(line)
+    missing = [sb.netns for sb in sbs if not sb.holder_pid]
+    if p.returncode != 0 or errors or missing:
+        detail = "; ".join(errors) or p.stderr.strip() or f"no holder for {missing[0]}"
+        raise SandboxError(f"holder failed: {detail}")
 
 
 def delete_links(netns: str, names: builtins.list[str]) -> None:

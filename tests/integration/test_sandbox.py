@@ -281,3 +281,42 @@ def test_add_pods_in_bulk(lab: Lab) -> None:
         assert len([sb for sb in Sandbox.list(lab, "node2") if sb.pod.startswith("new-")]) == 0
     finally:
         destroy_many([lab.pod("default", n) for n in names])
+
+
+def test_holder_reports_each_sandbox_and_failures(lab: Lab) -> None:
+    from netns.sandbox import holder_binary
+
+    ok_path = ns.netns_path(lab.pod_netns("default", unique_pod("hb")))
+    p = subprocess.run(
+        [holder_binary(), ok_path, "hb", "/nonexistent-kpx-dir/x", "bad"], capture_output=True, text=True
+    )
+    ready, error = p.stdout.splitlines()
+    pid = int(ready.split()[1])
+    try:
+        assert p.returncode == 1
+        assert ready == f"ready {pid} {ok_path}"
+        assert error.startswith("error /nonexistent-kpx-dir/x create: No such file or directory")
+        assert Path(f"/proc/{pid}/comm").read_text().strip() == "kpx-holder"
+        assert os.stat(ok_path).st_ino == os.stat(f"/proc/{pid}/ns/net").st_ino
+    finally:
+        os.kill(pid, 15)
+        ns.netns_delete(os.path.basename(ok_path))
+    assert not os.path.exists(ok_path)
+
+
+def test_create_many_is_all_or_nothing(lab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    names = [unique_pod("cm") for _ in range(3)]
+    real = ns.configure_iface
+
+    def fail_third(netns: str, *a, **k):  # type: ignore[no-untyped-def]
+        if netns.endswith(names[2]):
+            raise ns.NsError("injected")
+        return real(netns, *a, **k)
+
+    monkeypatch.setattr(ns, "configure_iface", fail_third)
+    with pytest.raises(ns.NsError, match="injected"):
+        Sandbox.create_many(lab, 1, [("default", n) for n in names])
+    for n in names:
+        assert not ns.netns_exists(lab.pod_netns("default", n))
+        assert lab.ipam(1).lookup(f"default/{n}") is None
+    assert not [sb for sb in Sandbox.list(lab, "node1") if sb.pod in names]
