@@ -433,7 +433,10 @@ class PodWorker:
 
 
 class Agent:
-    def __init__(self, kc: KubeClient, opts: AgentOptions, lab: Lab, node: LabNode) -> None:
+    """lab/node None: the agent runs on a machine of its own (netns.hostnode), set up once the
+    Node has a podCIDR."""
+
+    def __init__(self, kc: KubeClient, opts: AgentOptions, lab: Lab | None, node: LabNode | None) -> None:
         self.kc = kc
         self.opts = opts
         self.lab = lab
@@ -455,6 +458,7 @@ class Agent:
     def create_sandbox(self, namespace: str, name: str) -> Sandbox:
         from netns.sandbox import Sandbox
 
+        assert self.lab is not None and self.node is not None  # set before pods are watched
         return Sandbox.create(self.lab, self.node, namespace, name)
 
     def destroy_sandbox(self, sb: Sandbox) -> None:
@@ -510,6 +514,7 @@ class Agent:
     def load_sandboxes(self) -> None:
         from netns.sandbox import Sandbox
 
+        assert self.lab is not None and self.node is not None
         for sb in Sandbox.list(self.lab, self.node.name):
             self.adoptable[f"{sb.namespace}/{sb.pod}"] = sb
         if self.adoptable:
@@ -647,7 +652,8 @@ class Agent:
 
     async def run(self) -> None:
         o = self.opts
-        self.load_sandboxes()
+        if self.lab is not None:
+            self.load_sandboxes()
         await self.register()
         self.nodes_inf = Informer(self.kc, "/api/v1/nodes", on_event=self.on_node_event, name="nodes")
         tasks = [asyncio.create_task(self.nodes_inf.run(), name="nodes informer"),
@@ -655,6 +661,14 @@ class Agent:
                  asyncio.create_task(self.destroyer(), name="sandbox destroyer")]
         try:
             cidr = await self.wait_pod_cidr()
+            if self.lab is None:
+                from netns.hostnode import host_lab, setup_node_network
+
+                lab, node = await asyncio.to_thread(host_lab, o.node_name, o.node_ip, cidr, o.state_dir)
+                await asyncio.to_thread(setup_node_network, node)
+                self.lab, self.node = lab, node
+                self.load_sandboxes()
+            assert self.node is not None
             if cidr != self.node.pod_cidr:
                 self.not_ready_msg = (f"spec.podCIDR {cidr} differs from this node's bridge network "
                                       f"{self.node.pod_cidr}; restart the agent with --pod-cidr {self.node.pod_cidr}")
@@ -679,7 +693,7 @@ class Agent:
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def run_agent(kubeconfig: str, opts: AgentOptions, lab: Lab, node: LabNode) -> None:
+async def run_agent(kubeconfig: str, opts: AgentOptions, lab: Lab | None, node: LabNode | None) -> None:
     from kpx.kubeclient import KubeConfig
 
     try:
@@ -706,20 +720,26 @@ def main(args: Any) -> int:
     from netns.lab import Lab, state_root
 
     lab_name = args.lab or (_lab_from_state(Path(args.state_dir)) if args.state_dir else None)
-    if not lab_name:
-        raise UserError("kpx node needs its lab: pass --lab NAME (running on a machine's own root netns "
-                        "is not supported by this version)")
-    lab = Lab.load(lab_name)
-    node = lab.node(args.node_name)
-    state_dir = Path(args.state_dir) if args.state_dir else state_root() / lab_name / "nodes" / node.name
+    lab: Lab | None = None
+    node: LabNode | None = None
+    if lab_name:
+        lab = Lab.load(lab_name)
+        node = lab.node(args.node_name)
+        state_dir = Path(args.state_dir) if args.state_dir else state_root() / lab_name / "nodes" / node.name
+        node_ip, pod_cidr = args.node_ip or node.ip, args.pod_cidr or node.pod_cidr
+    else:  # a machine of its own (Vagrant VM): its current netns is the node
+        if not args.node_ip:
+            raise UserError("--node-ip is required outside a lab (the address other nodes reach this one at)")
+        state_dir = Path(args.state_dir) if args.state_dir else state_root() / "node" / args.node_name
+        node_ip, pod_cidr = args.node_ip, args.pod_cidr
     lock = AgentLock(state_dir, args.node_name)
     lock.acquire()
     kpxlog.setup("node", args.log_level, node=args.node_name)
     opts = AgentOptions(
-        node_name=node.name,
-        node_ip=args.node_ip or node.ip,
+        node_name=args.node_name,
+        node_ip=node_ip,
         state_dir=state_dir,
-        pod_cidr=args.pod_cidr or node.pod_cidr,
+        pod_cidr=pod_cidr,
         heartbeat=args.heartbeat,
         max_pods=args.max_pods,
         backoff_initial=args.restart_backoff,
