@@ -117,11 +117,12 @@ class ServiceHealthServers:
         async def handle(request: web.Request) -> web.Response:
             n = self.counts.get(key, 0)
             healthy = self.proxy_healthy()
-            body = orjson.dumps(
-                {"service": {"namespace": key[0], "name": key[1]}, "localEndpoints": n,
-                 "serviceProxyHealthy": healthy},
-                option=orjson.OPT_INDENT_2,
-            )
+            # upstream's dedented template: tab-indented, no trailing newline
+            ns, name = orjson.dumps(key[0]).decode(), orjson.dumps(key[1]).decode()
+            body = (
+                f'{{\n\t"service": {{\n\t\t"namespace": {ns},\n\t\t"name": {name}\n\t}},\n'
+                f'\t"localEndpoints": {n},\n\t"serviceProxyHealthy": {"true" if healthy else "false"}\n}}'
+            ).encode()
             return web.Response(
                 status=200 if n and healthy else 503,
                 body=body,
