@@ -232,3 +232,11 @@ def test_json_patch_replace_document_roundtrip(doc, target):
     doc, target = _no_nulls(doc), _no_nulls(target)
     ops = [{"op": "remove", "path": f"/{k}"} for k in doc] + [{"op": "add", "path": f"/{k}", "value": v} for k, v in target.items()]
     assert json_patch(doc, ops) == target
+
+
+def test_smp_owner_references_merge_by_uid():
+    cur = {"metadata": {"ownerReferences": [{"uid": "u1", "kind": "Service", "name": "a"}]}}
+    out = strategic_merge_patch(cur, {"metadata": {"ownerReferences": [
+        {"uid": "u1", "controller": True}, {"uid": "u2", "kind": "Service", "name": "b"}]}}, "EndpointSlice")
+    assert out["metadata"]["ownerReferences"] == [
+        {"uid": "u1", "kind": "Service", "name": "a", "controller": True}, {"uid": "u2", "kind": "Service", "name": "b"}]

@@ -295,3 +295,19 @@ def test_kubectl_csa_to_ssa_migration(ver):
     cfg["spec"]["ports"][0]["targetPort"] = 8090
     out = server_side_apply(migrated, cfg, "Service", manager="kubectl")
     assert out["spec"]["ports"][0]["targetPort"] == 8090
+
+
+def test_finalizers_are_a_set_shared_between_managers():
+    def ns(fins):
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p", "finalizers": fins},
+                "spec": {"containers": [{"name": "c", "image": "x"}]}}
+
+    live = server_side_apply(None, ns(["example.com/a"]), "Pod", manager="a")
+    other = copy.deepcopy(live)
+    other["metadata"]["finalizers"].append("example.com/b")
+    update_managed_fields(live, other, "controller", "Update", "v1")
+    assert decode(entry(other, "controller")["fieldsV1"]) == {("f:metadata", "f:finalizers", 'v:"example.com/b"')}
+    again = server_side_apply(other, ns(["example.com/a"]), "Pod", manager="a")
+    assert again["metadata"]["finalizers"] == ["example.com/a", "example.com/b"]
+    dropped = server_side_apply(again, ns([]), "Pod", manager="a")
+    assert dropped["metadata"]["finalizers"] == ["example.com/b"]
