@@ -186,13 +186,24 @@ class Syncer:
         self.last_state: ProxyState | None = None
         self.runner = BoundedFrequencyRunner(self.sync, min_sync_period, full_sync_period, clock=clock)
         self.on_queued: list[Callable[[], None]] = []
+        self._reported = (0, 0)  # change totals already added to the counters
         self.on_synced: list[Callable[[], None]] = []
         tracker.on_change = self.queue
         tracker.on_full_sync_needed = self.queue
 
     def queue(self) -> None:
         """Something changed: ask for a sync (rate limited)."""
-        self.metrics.last_queued_timestamp.set(self.wall())
+        m = self.metrics
+        m.last_queued_timestamp.set(self.wall())
+        t = self.tracker
+        m.service_changes_pending.set(t.service_changes_pending)
+        m.endpoint_changes_pending.set(t.endpoint_changes_pending)
+        # the *_changes_total counters count every change event, as upstream's trackers do
+        if t.service_changes_total > self._reported[0]:
+            m.service_changes_total.inc(t.service_changes_total - self._reported[0])
+        if t.endpoint_changes_total > self._reported[1]:
+            m.endpoint_changes_total.inc(t.endpoint_changes_total - self._reported[1])
+        self._reported = (t.service_changes_total, t.endpoint_changes_total)
         for cb in self.on_queued:
             cb()
         if self.ready():  # before the informers synced, a run would only burn a token
@@ -245,8 +256,6 @@ class Syncer:
         m.last_timestamp.set(wall)
         for trig in token.trigger_times.values():
             m.network_programming.observe(max(0.0, wall - trig))
-        m.service_changes_total.inc(token.service_changes)
-        m.endpoint_changes_total.inc(token.endpoint_changes)
         m.service_changes_pending.set(t.service_changes_pending)
         m.endpoint_changes_pending.set(t.endpoint_changes_pending)
         m.observe_plan(stats, self.mode.name)

@@ -287,6 +287,8 @@ class ChangeTracker:
         self._slice_owner: dict[tuple[str, str], ServiceKey] = {}  # (ns, slice name) -> Service
         self._eps_by_service: dict[ServiceKey, dict[tuple[str, str], tuple[Endpoint, ...]]] = {}
         self._pending: dict[ServiceKey, _Pending] = {}
+        self._svc_pending = 0  # len of pending entries with .service / .endpoints (kept in step)
+        self._eps_pending = 0
         self._trigger: dict[ServiceKey, float] = {}
         self._gen = 0
         self.node = NodeInfo(config.node_name)
@@ -406,10 +408,12 @@ class ChangeTracker:
         p.names |= names
         if service and not p.service:
             p.service = True
-            self.service_changes_total += 1
+            self._svc_pending += 1
         if endpoints and not p.endpoints:
             p.endpoints = True
-            self.endpoint_changes_total += 1
+            self._eps_pending += 1
+        self.service_changes_total += service
+        self.endpoint_changes_total += endpoints
         p.udp = p.udp or udp
         if self.on_change is not None:
             self.on_change()
@@ -425,11 +429,13 @@ class ChangeTracker:
 
     @property
     def service_changes_pending(self) -> int:
-        return sum(1 for p in self._pending.values() if p.service)
+        """Services with a Service change not yet synced."""
+        return self._svc_pending
 
     @property
     def endpoint_changes_pending(self) -> int:
-        return sum(1 for p in self._pending.values() if p.endpoints)
+        """Services with an endpoints change not yet synced."""
+        return self._eps_pending
 
     @property
     def has_pending(self) -> bool:
@@ -458,8 +464,8 @@ class ChangeTracker:
         token = SyncToken(
             generations={k: p.gen for k, p in self._pending.items()},
             trigger_times={k: self._trigger[k] for k in keys if k in self._trigger},
-            service_changes=sum(1 for p in self._pending.values() if p.service),
-            endpoint_changes=sum(1 for p in self._pending.values() if p.endpoints),
+            service_changes=self._svc_pending,
+            endpoint_changes=self._eps_pending,
             full=full,
             conntrack_cleanup=full or any(p.udp for p in self._pending.values()),
         )
@@ -471,6 +477,8 @@ class ChangeTracker:
             p = self._pending.get(key)
             if p is not None and p.gen == gen:
                 del self._pending[key]
+                self._svc_pending -= p.service
+                self._eps_pending -= p.endpoints
                 self._trigger.pop(key, None)
         if token.full:
             self._full_needed = False

@@ -166,6 +166,9 @@ def test_first_full_then_partial_with_changed_set():
     assert st.full and prior is None and len(st.services) == 2
     tracker.on_endpoint_slice("ADDED", None, slice_("web-1", eps=[ep("10.244.1.2")],
                                                     trigger="1970-01-01T00:16:30Z"))
+    assert metric(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1  # before the sync
+    tracker.on_endpoint_slice("MODIFIED", None, slice_("web-1", eps=[ep("10.244.1.2"), ep("10.244.1.3")]))
+    assert metric(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 1  # still one Service
     clock.t = 1002.0
     asyncio.run(syncer.sync())
     st, prior = mode.states[-1]
@@ -177,7 +180,7 @@ def test_first_full_then_partial_with_changed_set():
     assert metric(m, "kubeproxy_sync_proxy_rules_last_timestamp_seconds") == 1002.0
     # trigger time 990 s, programmed at 1002 s: 12 s of network programming latency
     assert metric(m, "kubeproxy_network_programming_duration_seconds_sum") == pytest.approx(12.0)
-    assert metric(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 1
+    assert metric(m, "kubeproxy_sync_proxy_rules_endpoint_changes_total") == 2  # every change event
     assert metric(m, "kubeproxy_sync_proxy_rules_service_changes_total") == 2
     assert metric(m, "kubeproxy_sync_proxy_rules_endpoint_changes_pending") == 0
     assert metric(m, "kubeproxy_sync_proxy_rules_iptables_total", {"table": "nat"}) == 10
