@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -222,6 +223,10 @@ def test_destroy_kills_unrecorded_processes_in_the_pod(lab: Lab) -> None:
     sb = Sandbox.create(lab, 1, "default", name)
     stray = subprocess.Popen(sb.enter_argv(["sleep", "300"]))
     try:
+        inode, deadline = ns.netns_inode(sb.netns), time.monotonic() + 10
+        while os.stat(f"/proc/{stray.pid}/ns/net").st_ino != inode:  # nsenter has joined the pod
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         sb.destroy(grace=1)
         stray.wait(timeout=5)
         assert not ns.netns_exists(sb.netns)
