@@ -379,8 +379,6 @@ def validate_service(svc: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list
         else:
             out += _strs(dns1123_subdomain(cname), "spec.externalName", cname)
     else:
-        if spec.get("externalName"):
-            out.append(fe.forbidden("spec.externalName", "may only be set when `type` is 'ExternalName'"))
         out += _validate_cluster_ips(spec, cips, stype, ip_families)
     # session affinity
     sa = spec.get("sessionAffinity")
@@ -394,7 +392,7 @@ def validate_service(svc: Obj, ip_families: tuple[str, ...] = ("IPv4",)) -> list
             out.append(fe.invalid("spec.sessionAffinityConfig.clientIP.timeoutSeconds", t,
                                   "must be greater than 0 and less than 86400"))
     elif sa == "None" and cfg:
-        out.append(fe.invalid("spec.sessionAffinityConfig", cfg, "must not be set when session affinity is None"))
+        out.append(fe.forbidden("spec.sessionAffinityConfig", "must not be set when session affinity is None"))
     if stype == "ExternalName" and sa == "ClientIP":
         out.append(fe.invalid("spec.sessionAffinity", sa, "may not be set to 'ClientIP' when `type` is 'ExternalName'"))
     # traffic policies

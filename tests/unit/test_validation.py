@@ -281,3 +281,12 @@ def test_cause_wire_form():
     (e,) = validate_create("Service", svc(ports=[{"port": 0, "targetPort": 80}]))
     assert e.cause() == {"reason": "FieldValueInvalid", "message": "Invalid value: 0: must be between 1 and 65535, inclusive",
                          "field": "spec.ports[0].port"}
+
+
+def test_affinity_config_forbidden_with_none_and_external_name_left_over_is_fine():
+    s = svc(ports=[{"port": 80}], sessionAffinityConfig={"clientIP": {"timeoutSeconds": 5}})
+    assert msgs(validate_create("Service", s)) == [
+        "spec.sessionAffinityConfig: Forbidden: must not be set when session affinity is None"]
+    # `kubectl patch -p '{"spec":{"type":"ClusterIP"}}'` on an ExternalName Service leaves externalName: upstream ignores it
+    s = svc(ports=[{"port": 80}], externalName="db.example.com")
+    assert validate_create("Service", s) == []
