@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import platform
@@ -215,6 +216,7 @@ class PodWorker:
         self.tasks: list[asyncio.Task[Any]] = []
         self.error = ""
         self.task: asyncio.Task[None] | None = None
+        self.events_sent: set[tuple[str, str | None]] = set()
         self.after: asyncio.Task[None] | None = None  # worker of the previous pod with this name
         self.stale: Sandbox | None = None  # that pod's sandbox found on disk, to remove first
 
@@ -231,6 +233,19 @@ class PodWorker:
 
     def changed(self) -> None:
         self.dirty.set()
+
+    def container_event(self, container: str, typ: str, reason: str, message: str) -> None:
+        self.event(typ, reason, message, container)
+
+    def event(self, typ: str, reason: str, message: str, container: str | None = None) -> None:
+        """Post a v1 Event about this pod (like kubelet; `kubectl describe pod` lists them). Each
+        reason is sent once per container and pod start, so a crash loop does not flood."""
+        key = (reason, container)
+        if key in self.events_sent or self.gone:
+            return
+        self.events_sent.add(key)
+        t = asyncio.get_running_loop().create_task(self.agent.post_event(self, typ, reason, message, container))
+        self.tasks.append(t)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -270,6 +285,7 @@ class PodWorker:
                     self.error = ""
                 except Exception as e:
                     self.error = f"failed to create pod sandbox: {e}"
+                    self.event("Warning", "FailedCreatePodSandBox", self.error)
             if self.sandbox is None:  # kubelet retries sandbox creation; so do we, backing off
                 log.error("pod=%s %s; retrying in %gs", self.key, self.error, delay)
                 await self._post_status(force=True)
@@ -293,6 +309,7 @@ class PodWorker:
                 log_path=a.opts.state_dir / "logs" / f"{self.namespace}_{self.name}" / f"{name}.log",
                 backoff=Backoff(initial=a.opts.backoff_initial, cap=max(a.opts.backoff_initial, 300.0)),
                 on_change=self.changed,
+                on_event=functools.partial(self.container_event, name),
                 restart_count=int(p.get("restartCount") or 0),
                 last_terminated=(p.get("lastState") or {}).get("terminated"),
             )
@@ -325,6 +342,8 @@ class PodWorker:
 
         async def on_change(ok: bool, msg: str) -> None:
             self.probe_ready[r.name] = ok
+            if not ok:
+                self.event("Warning", "Unhealthy", f"Readiness probe failed: {msg}", r.name)
             self.changed()
 
         while not r.stopping.is_set():
@@ -624,6 +643,25 @@ class Agent:
             w.task = asyncio.create_task(w.run(), name=f"pod {key}")
         else:
             w.update(new)
+
+    async def post_event(self, w: PodWorker, typ: str, reason: str, message: str, container: str | None) -> None:
+        now = now_rfc3339()
+        involved: dict[str, Any] = {"apiVersion": "v1", "kind": "Pod", "namespace": w.namespace, "name": w.name,
+                                    "uid": w.uid}
+        if container:
+            involved["fieldPath"] = f"spec.containers{{{container}}}"
+        body = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"name": f"{w.name}.{os.urandom(8).hex()}", "namespace": w.namespace},
+            "involvedObject": involved, "reason": reason, "message": message[:1024], "type": typ,
+            "source": {"component": "kubelet", "host": self.opts.node_name},
+            "reportingComponent": "kubelet", "reportingInstance": self.opts.node_name,
+            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+        }
+        try:
+            await self.kc.create(f"/api/v1/namespaces/{w.namespace}/events", body)
+        except KubeError as e:
+            log.debug("event %s for pod=%s not posted: %s", reason, w.key, e)
 
     async def confirm_delete(self, namespace: str, name: str, uid: str) -> None:
         body = {"kind": "DeleteOptions", "apiVersion": "v1", "gracePeriodSeconds": 0, "preconditions": {"uid": uid}}

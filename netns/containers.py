@@ -74,6 +74,7 @@ class ContainerRunner:
         log_path: Path,
         backoff: Backoff,
         on_change: Callable[[], None],
+        on_event: Callable[[str, str, str], None] | None = None,
         restart_count: int = 0,
         last_terminated: dict[str, Any] | None = None,
     ) -> None:
@@ -85,6 +86,7 @@ class ContainerRunner:
         self.log_path = log_path
         self.backoff = backoff
         self.on_change = on_change
+        self.on_event = on_event or (lambda typ, reason, message: None)  # Warning events for kubectl
         self.restart_policy = str((pod.get("spec") or {}).get("restartPolicy") or "Always")
         self.status = ContainerStatus(
             name=self.name, image=str(spec.get("image") or ""), restart_count=restart_count, last_terminated=last_terminated
@@ -123,6 +125,7 @@ class ContainerRunner:
             argv = container_argv(self.spec)
         except ImageError as e:
             self.status.state, self.status.reason, self.status.message = "waiting", "ErrImagePull", str(e)
+            self.on_event("Warning", "Failed", f"Error: ErrImagePull: {e}")
             return False
         try:
             p = await asyncio.to_thread(self.sandbox.start_container, self.name, argv, env=self.env,
@@ -196,6 +199,8 @@ class ContainerRunner:
         st.last_terminated = st.terminated_json() if st.state == "terminated" else st.last_terminated
         if delay > 0:
             st.state, st.reason = "waiting", "CrashLoopBackOff"
+            self.on_event("Warning", "BackOff", f"Back-off restarting failed container {self.name} in pod "
+                          f"{self.sandbox.pod}_{self.sandbox.namespace}")
             st.message = f"back-off {delay:g}s restarting failed container={self.name} pod={self.sandbox.pod}"
             self.on_change()
             with contextlib.suppress(TimeoutError):

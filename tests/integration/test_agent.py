@@ -44,6 +44,17 @@ def dead(pid: int) -> bool:
     return data[data.rfind(b")") + 2 :].split()[0] == b"Z"
 
 
+def wait_event(cluster: Cluster, pod: str, reason: str, timeout: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        items = cluster.request("GET", "/api/v1/namespaces/default/events")["items"]
+        for e in items:
+            if e["involvedObject"].get("name") == pod and e["reason"] == reason:
+                return e
+        assert time.monotonic() < deadline, f"no {reason} event for {pod}: {[e['reason'] for e in items][-10:]}"
+        time.sleep(0.2)
+
+
 def test_pod_status_fields_from_the_agent(cluster: Cluster) -> None:
     name = unique_name("st")
     cluster.create_pod(name, node="node2")
@@ -135,6 +146,10 @@ def test_unknown_image_is_a_clear_failure(cluster: Cluster) -> None:
     w = container_status(pod)["state"]["waiting"]
     assert "nginx:1.27" in w["message"] and "kpx/echo" in w["message"]
     assert not pod_ready(pod)
+    # and a Warning event, as kubelet posts, so `kubectl describe pod` says why
+    ev = wait_event(cluster, name, "Failed")
+    assert ev["type"] == "Warning" and "nginx:1.27" in ev["message"] and ev["source"]["host"] == "node1"
+    assert ev["involvedObject"]["uid"] == pod["metadata"]["uid"]
 
 
 def test_readiness_probes_drive_ready(cluster: Cluster, tmp_path: Path) -> None:
@@ -151,6 +166,7 @@ def test_readiness_probes_drive_ready(cluster: Cluster, tmp_path: Path) -> None:
     cluster.wait_ready(name)
     flag.unlink()
     cluster.wait_pod(name, lambda p: not pod_ready(p), what="NotReady again")
+    assert wait_event(cluster, name, "Unhealthy")["message"].startswith("Readiness probe failed")
     # an httpGet probe against a port nobody serves never turns Ready
     bad = unique_name("pb")
     cluster.create_pod(bad, node="node2", containers=[{
