@@ -207,11 +207,14 @@ class Registry:
             raise
         return self.present(res, co.obj)
 
-    def present(self, res: Resource, obj: dict[str, Any]) -> dict[str, Any]:
-        """The object as `res` shows it (a deep copy: callers may mutate it)."""
+    def present(self, res: Resource, obj: dict[str, Any], *, private: bool = False) -> dict[str, Any]:
+        """The object as `res` shows it: a deep copy (callers may mutate it) unless `obj` is already
+        private to this request (write results are built per request, never shared with the cache)."""
+        if not private:
+            obj = copy.deepcopy(obj)
         if res.group == "events.k8s.io":
-            return eventconv.to_events_v1(copy.deepcopy(obj))
-        return copy.deepcopy(obj)
+            return eventconv.to_events_v1(obj)
+        return obj
 
     def present_raw(self, res: Resource, co: Any) -> bytes:
         if res.group == "events.k8s.io":
@@ -457,7 +460,7 @@ class Registry:
                 raise
             if txn:
                 txn.commit()
-        return self.present(res, with_rv(obj, kv.mod_revision))
+        return self.present(res, with_rv(obj, kv.mod_revision), private=True)
 
     async def _current(self, res: Resource, ns: str, name: str) -> tuple[dict[str, Any], base.KV]:
         kv = await self.store.get(res.key(ns, name))
@@ -654,7 +657,7 @@ class Registry:
                         if txn:
                             txn.commit()
                         self.sem.release(res, new)
-                        return self.present(res, with_rv(new, dkv.mod_revision))
+                        return self.present(res, with_rv(new, dkv.mod_revision), private=True)
                     nkv = await self.store.update(res.key(ns, name), encode_stored(new), kv.mod_revision)
                 except base.Conflict:
                     if txn:
@@ -672,7 +675,7 @@ class Registry:
                     raise
                 if txn:
                     txn.commit()
-            return self.present(res, with_rv(new, nkv.mod_revision))
+            return self.present(res, with_rv(new, nkv.mod_revision), private=True)
         raise errors.conflict(res.resource, name, res.group, "too many concurrent writers, try again")
 
     @staticmethod
@@ -773,7 +776,7 @@ class Registry:
                         continue
                     except base.KeyNotFound:
                         raise errors.not_found(res.resource, name, res.group) from None
-                    return self.present(res, with_rv(new, nkv.mod_revision)), False
+                    return self.present(res, with_rv(new, nkv.mod_revision), private=True), False
             if opts.dry_run:
                 return self.present(res, cur), True
             try:
@@ -783,7 +786,7 @@ class Registry:
             except base.KeyNotFound:
                 raise errors.not_found(res.resource, name, res.group) from None
             self.sem.release(res, cur)
-            return self.present(res, with_rv(cur, dkv.mod_revision)), True
+            return self.present(res, with_rv(cur, dkv.mod_revision), private=True), True
         raise errors.conflict(res.resource, name, res.group, "too many concurrent writers, try again")
 
     @staticmethod
