@@ -14,6 +14,7 @@ are cached too (upstream caches probabilities for the same reason: they show up 
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -233,6 +234,17 @@ class IptablesRenderer:
     # -- render ---------------------------------------------------------------------------
 
     def render(self, state: ProxyState, prior: IptablesPrior | None) -> Plan[IptablesPrior]:
+        # Rendering allocates ~10^5..10^6 lists/strings; the cyclic GC would walk the whole heap
+        # (the state's own objects included) several times on the way: ~15% of a 10k render.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return self._render(state, prior)
+        finally:
+            if enabled:
+                gc.enable()
+
+    def _render(self, state: ProxyState, prior: IptablesPrior | None) -> Plan[IptablesPrior]:
         config_changed = state.config != self.config
         if config_changed:
             self._init_config(state.config)
