@@ -25,7 +25,7 @@ HERE = Path(__file__).parent
 KUBECTLS = {"1.27": "/usr/lib/google-cloud-sdk/bin/kubectl.1.27", "1.33": "/usr/lib/google-cloud-sdk/bin/kubectl.1.33"}
 LAST = "kubectl.kubernetes.io/last-applied-configuration"
 
-RES = {
+RES: dict[str, dict[str, Any]] = {
     "services": {"kind": "Service", "shortNames": ["svc"]},
     "pods": {"kind": "Pod", "shortNames": ["po"]},
     "namespaces": {"kind": "Namespace", "shortNames": ["ns"], "namespaced": False},
