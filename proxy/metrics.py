@@ -28,6 +28,8 @@ TABLES = ("filter", "nat", "mangle", "raw")
 class ProxyMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
+        # process_cpu_seconds_total, process_resident_memory_bytes, ... as every Go binary has
+        prometheus_client.ProcessCollector(registry=r)
         ns = "kubeproxy"
         self.sync_duration = Histogram(
             "sync_proxy_rules_duration_seconds", "SyncProxyRules latency in seconds",
