@@ -62,8 +62,28 @@ def ingest(kv: KV, rev: int | None = None) -> CachedObject:
     meta = obj.get("metadata")
     if not isinstance(meta, dict):
         meta = obj["metadata"] = {}
-    meta["resourceVersion"] = str(r)
-    return CachedObject(kv.key, r, obj, _compact_bytes(orjson.dumps(obj)), kv.create_revision)
+    rv = str(r)
+    had_rv = "resourceVersion" in meta
+    meta["resourceVersion"] = rv
+    raw = None if had_rv else _splice_rv(kv.value, rv)
+    if raw is None:
+        raw = _compact_bytes(orjson.dumps(obj))
+    return CachedObject(kv.key, r, obj, raw, kv.create_revision)
+
+
+_META = b'"metadata":{'
+
+
+def _splice_rv(value: bytes, rv: str) -> bytes | None:
+    """The stored JSON with "resourceVersion" inserted as the first field of the top-level
+    metadata, built in one exact-size allocation (no re-encode). None when the top-level
+    metadata cannot be located with certainty: only scalar fields may precede it."""
+    i = value.find(_META)
+    if i < 0 or value.find(b"{", 1, i) >= 0:
+        return None
+    j = i + len(_META)
+    sep = b"" if value[j : j + 1] == b"}" else b","
+    return b"".join((value[:j], b'"resourceVersion":"', rv.encode(), b'"', sep, value[j:]))
 
 
 def _compact_bytes(b: bytes) -> bytes:

@@ -277,12 +277,15 @@ class SQLiteStore:
                 raise Compacted(revision, compacted)
             lo = max(prefix, start_after + "\x00") if start_after else prefix
             end = prefix_end(prefix)
+            # walk the (name, id) index in key order and stop at the limit: each row is kept only
+            # if it is its key's newest row at `revision` (a point lookup on the same index)
             sql = (
-                "SELECT k.name, k.value, k.id, k.create_revision FROM kine k JOIN ("
-                " SELECT MAX(id) AS mid FROM kine WHERE name >= ? {hi} AND id <= ? GROUP BY name"
-                ") m ON k.id = m.mid WHERE k.deleted = 0 ORDER BY k.name{lim}"
-            ).format(hi="AND name < ?" if end else "", lim=" LIMIT ?" if limit > 0 else "")
-            params: builtins.list[Any] = [lo] + ([end] if end else []) + [revision]
+                "SELECT k.name, k.value, k.id, k.create_revision FROM kine k"
+                " WHERE k.name >= ? {hi} AND k.id <= ? AND k.deleted = 0"
+                " AND k.id = (SELECT MAX(m.id) FROM kine m WHERE m.name = k.name AND m.id <= ?)"
+                " ORDER BY k.name{lim}"
+            ).format(hi="AND k.name < ?" if end else "", lim=" LIMIT ?" if limit > 0 else "")
+            params: builtins.list[Any] = [lo] + ([end] if end else []) + [revision, revision]
             if limit > 0:
                 params.append(limit + 1)
             rows = conn.execute(sql, params).fetchall()

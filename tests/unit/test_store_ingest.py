@@ -31,3 +31,20 @@ def test_a_value_that_is_not_a_json_object_is_kept_verbatim() -> None:
     for raw in (b"not json", b"[1,2]", b""):
         co = ingest(KV("/k", raw, 5, 5))
         assert co.raw == raw and co.obj == {}
+
+
+@pytest.mark.parametrize(
+    "stored",
+    [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"}, "spec": {"ports": [{"port": 80}]}},
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {}},
+        # metadata after a nested object: the bytes are re-encoded, never spliced into the wrong place
+        {"spec": {"template": {"metadata": {"name": "inner"}}}, "metadata": {"name": "outer"}},
+        {"kind": "X", "note": 'a "metadata":{ in a string', "metadata": {"name": "n"}},
+    ],
+)
+def test_raw_bytes_always_decode_to_the_injected_object(stored: dict[str, object]) -> None:
+    co = ingest(KV("/k", orjson.dumps(stored), 77, 70))
+    assert orjson.loads(co.raw) == co.obj
+    assert co.obj["metadata"]["resourceVersion"] == "77"
+    assert co.obj.get("spec") == stored.get("spec")
