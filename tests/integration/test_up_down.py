@@ -107,43 +107,46 @@ def test_up_down_cycles_leave_the_host_as_it_was() -> None:
     n = int.from_bytes(os.urandom(2), "big") % 512
     subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
     plen = subnet.split("/")[1]
-    for cycle in range(5):
-        storage = "etcd" if cycle == 1 else "sqlite"
-        p = kpx("up", "--lab", name, "--subnet", subnet, "--apiserver-port", str(free_port()), "--storage", storage,
-                timeout=120)
-        assert p.returncode == 0, p.stderr
-        assert f"export KUBECONFIG={state_root() / name / 'kubeconfig'}" in p.stdout
-        # While up: the only change to the root netns is the host link, its address and connected route.
-        assert diff(before, root_snapshot()) == {}
-        host = subnet.replace(".0/", ".1/")
-        objs = host_link_objects(name)
-        assert objs["addrs"] == [host]
-        # connected + local + broadcast routes, and the per-link IPv6 multicast route the kernel adds
-        allowed = (subnet, host.split("/")[0], subnet.replace(f".0/{plen}", ".255"), "ff00::/8")
-        assert subnet in objs["routes"] and all(r in allowed for r in objs["routes"]), objs
-        st = json.loads((state_root() / name / "up.json").read_text())
-        assert st["storage"] == storage and (st["etcd_client_port"] is not None) == (storage == "etcd")
-        if cycle == 3:
-            # A pod is running, then every process of the lab is SIGKILLed, as a crash would.
-            pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "victim"},
-                   "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "kpx/echo"}]}}
-            kc = str(state_root() / name / "kubeconfig")
-            subprocess.run(["kubectl", "--kubeconfig", kc, "apply", "-f", "-"], input=json.dumps(pod),
-                           capture_output=True, text=True, check=True)
-            deadline = time.monotonic() + 20
-            while not list((state_root() / name / "sandboxes").glob("*victim*.json")):
-                assert time.monotonic() < deadline, "pod sandbox never appeared"
-                time.sleep(0.1)
-            time.sleep(0.5)
-            pids = lab_pids(name)
-            assert len(pids) >= 5  # apiserver, 2 agents, holder, container
-            for pid, start in pids:
-                ns.kill_pid(pid, start, signal.SIGKILL)
-        p = kpx("down", "--lab", name)
-        assert p.returncode == 0, p.stderr
-        assert "removed" in p.stdout
-        assert leftovers(name) == []
-        assert diff(before, root_snapshot()) == {}
+    try:
+        for cycle in range(5):
+            storage = "etcd" if cycle == 1 else "sqlite"
+            p = kpx("up", "--lab", name, "--subnet", subnet, "--apiserver-port", str(free_port()), "--storage", storage,
+                    timeout=120)
+            assert p.returncode == 0, p.stderr
+            assert f"export KUBECONFIG={state_root() / name / 'kubeconfig'}" in p.stdout
+            # While up: the only change to the root netns is the host link, its address and connected route.
+            assert diff(before, root_snapshot()) == {}
+            host = subnet.replace(".0/", ".1/")
+            objs = host_link_objects(name)
+            assert objs["addrs"] == [host]
+            # connected + local + broadcast routes, and the per-link IPv6 multicast route the kernel adds
+            allowed = (subnet, host.split("/")[0], subnet.replace(f".0/{plen}", ".255"), "ff00::/8")
+            assert subnet in objs["routes"] and all(r in allowed for r in objs["routes"]), objs
+            st = json.loads((state_root() / name / "up.json").read_text())
+            assert st["storage"] == storage and (st["etcd_client_port"] is not None) == (storage == "etcd")
+            if cycle == 3:
+                # A pod is running, then every process of the lab is SIGKILLed, as a crash would.
+                pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "victim"},
+                       "spec": {"nodeName": "node1", "containers": [{"name": "c", "image": "kpx/echo"}]}}
+                kc = str(state_root() / name / "kubeconfig")
+                subprocess.run(["kubectl", "--kubeconfig", kc, "apply", "-f", "-"], input=json.dumps(pod),
+                               capture_output=True, text=True, check=True)
+                deadline = time.monotonic() + 20
+                while not list((state_root() / name / "sandboxes").glob("*victim*.json")):
+                    assert time.monotonic() < deadline, "pod sandbox never appeared"
+                    time.sleep(0.1)
+                time.sleep(0.5)
+                pids = lab_pids(name)
+                assert len(pids) >= 5  # apiserver, 2 agents, holder, container
+                for pid, start in pids:
+                    ns.kill_pid(pid, start, signal.SIGKILL)
+            p = kpx("down", "--lab", name)
+            assert p.returncode == 0, p.stderr
+            assert "removed" in p.stdout
+            assert leftovers(name) == []
+            assert diff(before, root_snapshot()) == {}
+    finally:
+        kpx("down", "--lab", name)
     # idempotent: nothing left, a second down says so and succeeds
     p = kpx("down", "--lab", name)
     assert p.returncode == 0 and "not up" in p.stdout
