@@ -29,6 +29,18 @@ def run(args: argparse.Namespace) -> int:
     from proxy.server import ProxyServer, cleanup_all, node_name_of
 
     opts = resolve(args)
+    if args.write_config_to:
+        import yaml
+
+        from kpx.errors import UserError
+        from proxy.config import to_config_doc
+
+        try:
+            with open(args.write_config_to, "w") as f:
+                yaml.safe_dump(to_config_doc(opts), f, sort_keys=False)
+        except OSError as e:
+            raise UserError(f"--write-config-to {args.write_config_to}: {e.strerror or e}") from None
+        return 0
     level = "debug" if opts.verbosity >= 4 else "info"
     kpxlog.setup("proxy", level, node=node_name_of(opts), mode=opts.mode)
     if opts.cleanup:

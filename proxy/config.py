@@ -209,6 +209,44 @@ FLAG_DESTS = {
 }
 
 
+def _go_duration(secs: float) -> str:
+    ms = round(secs * 1000)
+    if ms % 1000:
+        return f"{ms}ms"
+    s = ms // 1000
+    h, rem = divmod(s, 3600)
+    m, s = divmod(rem, 60)
+    return (f"{h}h" if h else "") + (f"{m}m" if h or m else "") + f"{s}s"
+
+
+def to_config_doc(o: ProxyOptions) -> dict[str, Any]:
+    """The resolved options as a KubeProxyConfiguration (what --write-config-to writes)."""
+    section = {
+        "masqueradeAll": o.masquerade_all,
+        "masqueradeBit": o.masquerade_bit,
+        "syncPeriod": _go_duration(o.sync_period),
+        "minSyncPeriod": _go_duration(o.min_sync_period),
+    }
+    doc: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "mode": o.mode,
+        "bindAddress": o.bind_address or "0.0.0.0",
+        "clientConnection": {"kubeconfig": o.kubeconfig or ""},
+        "clusterCIDR": o.cluster_cidr or "",
+        "hostnameOverride": o.hostname_override or "",
+        "healthzBindAddress": o.healthz_bind_address,
+        "metricsBindAddress": o.metrics_bind_address,
+        "nodePortAddresses": list(o.nodeport_addresses) or None,
+        "iptables": {**section, "localhostNodePorts": o.localhost_nodeports},
+        "ipvs": {"scheduler": o.ipvs_scheduler, "syncPeriod": section["syncPeriod"],
+                 "minSyncPeriod": section["minSyncPeriod"]},
+        "nftables": dict(section),
+        "conntrack": {"tcpBeLiberal": o.tcp_be_liberal},
+    }
+    return doc
+
+
 def _bool(s: str) -> bool:
     v = s.strip().lower()
     if v in ("true", "1", "yes"):
@@ -250,6 +288,8 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--cleanup", action="store_true", default=None,
       help="remove everything kpx programmed, in every mode, then exit")
     a("--config", metavar="PATH", help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) YAML file")
+    a("--write-config-to", metavar="PATH", help="write the resolved configuration to PATH as a "
+      "KubeProxyConfiguration file, then exit")
     a("--v", "-v", type=int, metavar="N", help="log verbosity (0 info, 4+ debug)")
 
 

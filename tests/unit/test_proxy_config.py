@@ -4,6 +4,7 @@ and the `kpx proxy` CLI's error paths (no apiserver needed)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 
@@ -133,3 +134,17 @@ def test_cli_errors_are_one_line(argv, msg):
     r = kpx(*argv)
     assert r.returncode != 0 and msg in r.stderr
     assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+
+
+def test_write_config_to_round_trips(tmp_path):
+    out = tmp_path / "written.yaml"
+    argv = ["--proxy-mode", "nftables", "--hostname-override", "n7", "--cluster-cidr", "10.244.0.0/16",
+            "--iptables-sync-period", "1m30s", "--iptables-min-sync-period", "250ms", "--masquerade-all",
+            "--nodeport-addresses", "192.168.56.0/24,primary", "--kubeconfig", "/etc/kpx/kc"]
+    r = kpx("proxy", *argv, "--write-config-to", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "kind: KubeProxyConfiguration" in text and "syncPeriod: 1m30s" in text and "minSyncPeriod: 250ms" in text
+    from_file = opts("--config", str(out))
+    from_flags = opts(*argv)
+    assert from_file == dataclasses.replace(from_flags, config_file=str(out), bind_address="0.0.0.0")
