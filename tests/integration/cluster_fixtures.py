@@ -8,9 +8,9 @@ and proxies when a mode is chosen), torn down with `kpx down` at the end even on
         line = cluster.ask_from_pod("web-1", "tcp", svc["spec"]["clusterIP"], 80)  # 'pod=... ip=... client=...'
         core = cluster.core()                                     # official kubernetes client CoreV1Api
 
-`cluster` is session-scoped, 2 nodes, no proxy unless KPX_TEST_PROXY_MODE is set. A module that
-needs its own proxy mode builds one with `make_cluster(proxy_mode="iptables")` (a context manager)
-in its own fixture. Lab names, underlay subnets (198.18.0.0/15) and apiserver ports are unique per
+`cluster` is session-scoped, 2 nodes, no proxy unless KPX_TEST_PROXY_MODE is set.
+`cluster_factory(mode)` gives one shared session cluster per proxy mode (e.g. "iptables"), and
+`make_cluster(proxy_mode=...)` (a context manager) builds a private one. Lab names, underlay subnets (198.18.0.0/15) and apiserver ports are unique per
 session, so tests run next to a user's lab and other sessions. Pod names must be unique within the
 session (`unique_name(prefix)`).
 """
@@ -241,3 +241,19 @@ def make_cluster(nodes: int = 2, proxy_mode: str | None = None, prefix: str = "c
 def cluster() -> Iterator[Cluster]:
     with make_cluster(proxy_mode=os.environ.get("KPX_TEST_PROXY_MODE") or None) as c:
         yield c
+
+
+@pytest.fixture(scope="session")
+def cluster_factory() -> Iterator[Any]:
+    """`cluster_factory("nftables")`: one shared 2-node cluster per proxy mode for the session
+    (built on first use, torn down at the end), for the proxy modes' end-to-end tests."""
+    stack = contextlib.ExitStack()
+    made: dict[str | None, Cluster] = {}
+
+    def get(proxy_mode: str | None = None) -> Cluster:
+        if proxy_mode not in made:
+            made[proxy_mode] = stack.enter_context(make_cluster(proxy_mode=proxy_mode, prefix="m"))
+        return made[proxy_mode]
+
+    with stack:
+        yield get
