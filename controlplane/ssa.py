@@ -93,20 +93,28 @@ def _strip(obj: Obj, kind: str, subresource: str) -> Obj:
 # ---------------------------------------------------------------- field sets
 
 
-def fieldset(value: Any, t: Type | None, prefix: Path = ()) -> set[Path]:
+def fieldset(value: Any, t: Type | None, prefix: Path = (), *, marks: bool = False) -> set[Path]:
+    """The paths `value` sets. `marks=True` is the Update form: a non-empty map (labels,
+    annotations, ...) is itself a member too (FieldsV1 `.`), as upstream records it for updates."""
     out: set[Path] = set()
-    _collect(value, t, prefix, out)
+    _collect(value, t, prefix, out, marks)
     return out
 
 
-def _collect(value: Any, t: Type | None, prefix: Path, out: set[Path]) -> None:
+def _is_map(t: Type | None) -> bool:
+    return t is not None and t.kind == "map" and not t.atomic
+
+
+def _collect(value: Any, t: Type | None, prefix: Path, out: set[Path], marks: bool = False) -> None:
     if isinstance(value, dict) and (t is None or (t.kind in ("struct", "map") and not t.atomic)):
         if not value:
             if prefix:
                 out.add(prefix)
             return
+        if marks and prefix and _is_map(t):
+            out.add(prefix)
         for k, v in value.items():
-            _collect(v, _field(t, k), (*prefix, "f:" + k), out)
+            _collect(v, _field(t, k), (*prefix, "f:" + k), out, marks)
         return
     if isinstance(value, list) and t is not None and t.kind == "list" and t.list_type in ("map", "set") and value:
         for item in value:
@@ -114,7 +122,7 @@ def _collect(value: Any, t: Type | None, prefix: Path, out: set[Path]) -> None:
             out.add(p)
             if t.list_type == "map" and isinstance(item, dict):
                 for k, v in item.items():
-                    _collect(v, _field(t.elem, k), (*p, "f:" + k), out)
+                    _collect(v, _field(t.elem, k), (*p, "f:" + k), out, marks)
         return
     if prefix:
         out.add(prefix)
@@ -252,16 +260,16 @@ def _diff(a: Any, b: Any, t: Type | None, prefix: Path, changed: set[Path], remo
     if a == b:
         return
     if a is _MISSING:
-        _collect(b, t, prefix, changed)
+        _collect(b, t, prefix, changed, True)
         return
     if isinstance(a, dict) and isinstance(b, dict) and b and _granular(t, "struct", "map"):
         for k, v in b.items():
             _diff(a.get(k, _MISSING), v, _field(t, k), (*prefix, "f:" + k), changed, removed)
         for k, v in a.items():
             if k not in b:
-                _collect(v, _field(t, k), (*prefix, "f:" + k), removed)
-        if not a and prefix:
-            removed.add(prefix)  # {} was a leaf
+                _collect(v, _field(t, k), (*prefix, "f:" + k), removed, True)
+        if not a and prefix and not _is_map(t):
+            removed.add(prefix)  # {} was a leaf; a map's own path stays a member
         return
     if (isinstance(a, list) and isinstance(b, list) and b and t is not None and t.kind == "list"
             and t.list_type in ("map", "set")):
@@ -280,21 +288,21 @@ def _diff(a: Any, b: Any, t: Type | None, prefix: Path, changed: set[Path], remo
                 changed.add(p)
                 if lt.list_type == "map" and isinstance(item, dict):
                     for f, v in item.items():
-                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), changed)
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), changed, True)
             elif lt.list_type == "map" and isinstance(item, dict) and isinstance(old_items[k], dict):
                 oi = old_items[k]
                 for f, v in item.items():
                     _diff(oi.get(f, _MISSING), v, _field(lt.elem, f), (*p, "f:" + f), changed, removed)
                 for f, v in oi.items():
                     if f not in item:
-                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed)
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed, True)
         for k, x in old_items.items():
             if k not in new_keys:
                 p = (*prefix, k)
                 removed.add(p)
                 if lt.list_type == "map" and isinstance(x, dict):
                     for f, v in x.items():
-                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed)
+                        _collect(v, _field(lt.elem, f), (*p, "f:" + f), removed, True)
         if not a and prefix:
             removed.add(prefix)
         return
@@ -302,11 +310,11 @@ def _diff(a: Any, b: Any, t: Type | None, prefix: Path, changed: set[Path], remo
     if prefix:
         changed.add(prefix)
     old_paths: set[Path] = set()
-    _collect(a, t, prefix, old_paths)
+    _collect(a, t, prefix, old_paths, True)
     removed |= old_paths - {prefix}
     if isinstance(b, dict | list) and b:
         sub: set[Path] = set()
-        _collect(b, t, prefix, sub)
+        _collect(b, t, prefix, sub, True)
         if prefix not in sub:
             changed.discard(prefix)
         changed |= sub
@@ -333,7 +341,7 @@ def record_update(
     changed: set[Path] = set()
     removed: set[Path] = set()
     if old is None:
-        changed = fieldset(new_view, t)
+        changed = fieldset(new_view, t, marks=True)
     else:
         old_view = _strip(old, kind, subresource)
         _diff(old_view, new_view, t, (), changed, removed)
@@ -342,7 +350,7 @@ def record_update(
             return
         if not entries:
             # objects written before field tracking: their fields belong to before-first-apply
-            before = fieldset(old_view, t) - changed - removed
+            before = fieldset(old_view, t, marks=True) - changed - removed
             if before:
                 entries = [_entry("before-first-apply", "Update", api_version, "", before)]
     me = (manager, operation, api_version, subresource)
@@ -417,7 +425,7 @@ def apply(
     new_fs = fieldset(applied_view, t)
     live_view = _strip(base, kind, subresource)
     if live is not None and not entries:
-        before = fieldset(live_view, t)
+        before = fieldset(live_view, t, marks=True)
         if before:
             entries = [_entry("before-first-apply", "Update", api_version, "", before)]
     me = (manager, "Apply", "", subresource)

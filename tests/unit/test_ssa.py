@@ -244,7 +244,7 @@ def _reference_diff(old, new, t):
     owned paths of old that new no longer has."""
     from controlplane.ssa import _MISSING, _get
 
-    new_fs, old_fs = fieldset(new, t), fieldset(old, t)
+    new_fs, old_fs = fieldset(new, t, marks=True), fieldset(old, t, marks=True)
     parents = {q[:i] for q in new_fs for i in range(1, len(q))}
     changed = set()
     for p in new_fs:
@@ -273,7 +273,7 @@ def test_diff_matches_its_definition(l1, s1, l2, s2):
     _diff(old, new, t, (), changed, removed)
     want_changed, want_removed = _reference_diff(old, new, t)
     assert changed == want_changed
-    assert removed - fieldset(new, t) == want_removed
+    assert removed - fieldset(new, t, marks=True) == want_removed
 
 
 @pytest.mark.parametrize("ver", VERSIONS)
@@ -311,3 +311,17 @@ def test_finalizers_are_a_set_shared_between_managers():
     assert again["metadata"]["finalizers"] == ["example.com/a", "example.com/b"]
     dropped = server_side_apply(again, ns([]), "Pod", manager="a")
     assert dropped["metadata"]["finalizers"] == ["example.com/b"]
+
+
+def test_update_entries_mark_new_maps_like_upstream():
+    obj = stored(svc_config())
+    obj["metadata"]["annotations"] = {"a": "1"}
+    update_managed_fields(None, obj, "kubectl-create", "Update", "v1")
+    f = entry(obj, "kubectl-create")["fieldsV1"]
+    assert f["f:metadata"] == {"f:annotations": {".": {}, "f:a": {}}, "f:labels": {".": {}, "f:app": {}}}
+    assert f["f:spec"]["f:selector"] == {}  # selector is an atomic map: one leaf
+    # removing the whole map drops its "." too
+    new = copy.deepcopy(obj)
+    del new["metadata"]["annotations"]
+    update_managed_fields(obj, new, "kubectl-edit", "Update", "v1")
+    assert "f:annotations" not in entry(new, "kubectl-create")["fieldsV1"]["f:metadata"]
