@@ -171,6 +171,13 @@ def spawn(lab: Lab, role: str, argv: list[str], netns: str | None = None) -> sub
     return p
 
 
+def progress(msg: str) -> None:
+    """One step of a long operation, shown on a terminal only (scripts and tests stay quiet)."""
+    if sys.stderr.isatty():
+        sys.stderr.write(f"  ... {msg}\n")
+        sys.stderr.flush()
+
+
 class Failed(Exception):
     """A step of `kpx up` failed; the message is the one line to print."""
 
@@ -260,7 +267,9 @@ def _bring_up(lab: Lab, args: argparse.Namespace, st: UpState) -> dict[str, subp
         "--cluster-cidr", lab.pod_cidr, "--storage", args.storage,
     )
     if args.storage == "etcd":
+        progress("starting etcd on 127.0.0.1")
         api_argv += ["--etcd-servers", _start_etcd(lab, st, procs, deadline)]
+    progress(f"starting the apiserver on 127.0.0.1:{args.apiserver_port} and {lab.host_ip}:{args.apiserver_port}")
     procs["apiserver"] = spawn(lab, "apiserver", api_argv)
     st.components["apiserver"] = procs["apiserver"].pid
     st.save(lab)
@@ -282,6 +291,7 @@ def _bring_up(lab: Lab, args: argparse.Namespace, st: UpState) -> dict[str, subp
     _wait("the apiserver", deadline, api_ready, procs, lab)
     _write_kubeconfigs(lab, args.apiserver_port)
     nkc = str(node_kubeconfig_path(lab))
+    progress(f"starting {len(lab.nodes)} node agents" + (f" and {args.proxy_mode} proxies" if args.proxy_mode else ""))
     for n in lab.nodes:
         role = f"node/{n.name}"
         procs[role] = spawn(lab, role, kpx_argv(
@@ -300,6 +310,7 @@ def _bring_up(lab: Lab, args: argparse.Namespace, st: UpState) -> dict[str, subp
     st.save(lab)
     names = [n.name for n in lab.nodes]
     kc = kubeconfig_path(lab)
+    progress("waiting for every node to be Ready")
     _wait(f"nodes {', '.join(names)} to be Ready", deadline,
           lambda: not asyncio.run(_nodes_ready(kc, names)), procs, lab)
     if args.proxy_mode:
@@ -328,6 +339,7 @@ def up(args: argparse.Namespace) -> int:
         raise UserError(f"port {args.apiserver_port} on 127.0.0.1 is in use (another apiserver?): stop it first")
     with _up_lock(args.lab):
         t0 = time.monotonic()
+        progress(f"building lab {args.lab}: {args.nodes} node netns, underlay {args.subnet}, host link kpx0-{args.lab}")
         lab = Lab.create(args.lab, nodes=args.nodes, subnet=args.subnet)
         st = UpState(lab=lab.name, apiserver_port=args.apiserver_port, storage=args.storage,
                      proxy_mode=args.proxy_mode)
