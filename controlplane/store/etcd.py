@@ -125,7 +125,10 @@ class EtcdStore:
                     url, data=data, headers={"Content-Type": "application/json"}, timeout=self._timeout
                 ) as resp:
                     payload = await resp.read()
-                    out: dict[str, Any] = orjson.loads(payload) if payload else {}
+                    try:
+                        out: dict[str, Any] = orjson.loads(payload) if payload else {}
+                    except orjson.JSONDecodeError:
+                        out = {"error": payload[:200].decode(errors="replace")}
                     if resp.status != 200 or "error" in out:
                         self._raise(out, resp.status)
                     return out
