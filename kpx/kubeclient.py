@@ -425,15 +425,20 @@ class KubeClient:
             async with self.session.get(self._url(path), params=params, timeout=timeout) as resp:
                 if resp.status >= 400:
                     raise _error_from_response(resp.status, resp.reason or "", await resp.read())
-                buf = b""
+                buf = bytearray()
                 async for chunk in resp.content.iter_any():
+                    scan = len(buf)  # a newline can only be in the new bytes
                     buf += chunk
-                    while (nl := buf.find(b"\n")) >= 0:
-                        line, buf = buf[:nl], buf[nl + 1 :]
+                    start = 0
+                    while (nl := buf.find(b"\n", scan)) >= 0:
+                        line = bytes(buf[start:nl])
+                        start = scan = nl + 1
                         if line.strip():
                             yield _decode_event(line)
+                    if start:
+                        del buf[:start]
                 if buf.strip():
-                    yield _decode_event(buf)
+                    yield _decode_event(bytes(buf))
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError, OSError) as e:
             raise ServerUnavailable(f"{self.config.server}: {_describe(e)}") from e
 

@@ -126,6 +126,9 @@ class Scripted:
         for ev in script:
             if ev == "hang":
                 await self.stop.wait()
+            if isinstance(ev, bytes):  # raw bytes, written as they are
+                await resp.write(ev)
+                continue
             # split each event across two writes to prove the line reassembly
             data = json.dumps(ev).encode() + b"\n"
             await resp.write(data[:7])
@@ -304,3 +307,11 @@ async def test_a_failing_handler_does_not_stop_the_informer(s, kc):
     finally:
         task.cancel()
     assert seen == ["good", "later"] and set(inf.store) == {"default/bad", "default/good", "default/later"}
+
+
+@with_server
+async def test_watch_splits_lines_across_and_within_chunks(s, kc):
+    e = [json.dumps({"type": "ADDED", "object": _svc(f"w{i}", i)}).encode() + b"\n" for i in range(4)]
+    s.watch_script = [[e[0] + e[1] + e[2][:5], e[2][5:] + e[3][:-1], b"\n"]]
+    got = [ev.object["metadata"]["name"] async for ev in kc.watch("/api/v1/services", resource_version="1")]
+    assert got == ["w0", "w1", "w2", "w3"]
