@@ -187,6 +187,7 @@ class Syncer:
         self.runner = BoundedFrequencyRunner(self.sync, min_sync_period, full_sync_period, clock=clock)
         self.on_queued: list[Callable[[], None]] = []
         self._reported = (0, 0)  # change totals already added to the counters
+        self._drifts = 0  # canary failures seen
         self.on_synced: list[Callable[[], None]] = []
         tracker.on_change = self.queue
         tracker.on_full_sync_needed = self.queue
@@ -223,6 +224,7 @@ class Syncer:
         self.metrics.service_changes_pending.set(token.service_changes)
         self.metrics.endpoint_changes_pending.set(token.endpoint_changes)
         prior = self.prior
+        drifts = self._drifts
         start = self.clock()
         try:
             if self.in_thread:
@@ -240,7 +242,8 @@ class Syncer:
             self.runner.retry_after(self.sync_period)
             return
         elapsed = self.clock() - start
-        self.prior = new_prior
+        # a drift noticed while this sync ran makes what it returned untrustworthy as well
+        self.prior = new_prior if drifts == self._drifts else None
         t.commit(token)
         if state.full:
             self.last_full = self.clock()
@@ -280,4 +283,5 @@ class Syncer:
             if drift:
                 log.warning("kernel state changed behind our back (canary gone); forcing a full resync")
                 self.prior = None
+                self._drifts += 1
                 self.tracker.force_full_sync()

@@ -246,6 +246,7 @@ class SyncToken:
     endpoint_changes: int
     full: bool
     conntrack_cleanup: bool
+    full_requests: int = 0  # force_full_sync() calls seen when the snapshot was taken
 
 
 @dataclass(slots=True)
@@ -295,6 +296,7 @@ class ChangeTracker:
         self.service_changes_total = 0
         self.endpoint_changes_total = 0
         self._full_needed = True  # the first sync is full
+        self._full_requests = 0  # a forced full sync asked for during a sync must survive its commit
 
     # ------------------------------------------------------------------ informer handlers
 
@@ -420,6 +422,7 @@ class ChangeTracker:
 
     def force_full_sync(self) -> None:
         self._full_needed = True
+        self._full_requests += 1
         if self.on_full_sync_needed is not None:
             self.on_full_sync_needed()
         elif self.on_change is not None:
@@ -468,6 +471,7 @@ class ChangeTracker:
             endpoint_changes=self._eps_pending,
             full=full,
             conntrack_cleanup=full or any(p.udp for p in self._pending.values()),
+            full_requests=self._full_requests,
         )
         return state, token
 
@@ -480,7 +484,7 @@ class ChangeTracker:
                 self._svc_pending -= p.service
                 self._eps_pending -= p.endpoints
                 self._trigger.pop(key, None)
-        if token.full:
+        if token.full and token.full_requests == self._full_requests:
             self._full_needed = False
 
     def failed(self) -> None:

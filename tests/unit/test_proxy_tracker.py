@@ -300,3 +300,15 @@ def test_node_hints_prefer_same_node():
     state, _ = t.snapshot()
     cat = categorize_endpoints(state.services[SPN], state.endpoints[SPN], "n2", {"topology.kubernetes.io/zone": "z"})
     assert [e.ip for e in cat.cluster] == ["10.244.2.2"]
+
+
+def test_full_sync_forced_during_a_sync_survives_its_commit():
+    t = tracker()
+    t.on_service("ADDED", None, svc())
+    state, tok = t.snapshot()
+    assert state.full
+    t.force_full_sync()  # e.g. the canary check fired while this full sync was being applied
+    t.commit(tok)
+    assert t.snapshot()[0].full
+    t.commit(t.snapshot()[1])
+    assert not t.snapshot()[0].full
