@@ -5,7 +5,8 @@ Call signatures for the REST layer (H2a):
     problems = fieldvalidation.check(kind, obj, raw=body_bytes, patch_type="", api_version="v1")
         # -> list[Problem]; str(p) = 'unknown field "spec.foo"' / 'duplicate field "spec.type"'.
         #    Also PRUNES the unknown fields from obj in place (built-in kinds never store them).
-    fieldvalidation.prune(kind, obj)            # for fieldValidation=Ignore: drop unknown fields only
+    fieldvalidation.prune(kind, obj, patch_type=...)   # fieldValidation=Ignore: drop unknown fields only
+        # (pass patch_type="strategic" for an SMP body; without it, SMP directives are kept)
     msg = fieldvalidation.strict_message(kind, problems, api_version)   # 400 BadRequest text:
         # 'Service in version "v1" cannot be handled as a Service: strict decoding error: unknown field "spec.foo"'
     errs = fieldvalidation.type_errors(kind, obj)   # wrong JSON types -> 400 whatever the mode
@@ -42,6 +43,11 @@ def _join(prefix: str, key: str) -> str:
 _LEAF = ("any", "scalar")
 
 
+def _is_directive(k: str) -> bool:
+    """Strategic merge patch directives: not fields, and never names of real fields."""
+    return k in ("$patch", "$retainKeys") or k.startswith(("$setElementOrder/", "$deleteFromPrimitiveList/"))
+
+
 def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: bool, smp: bool = False) -> None:
     if t is None or t.kind in _LEAF:
         return
@@ -50,8 +56,8 @@ def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: 
         for k in list(v):
             ft = fields.get(k)
             if ft is None:
-                if smp and k.startswith("$"):
-                    continue  # strategic merge directives: $patch, $retainKeys, $setElementOrder/..., ...
+                if smp and _is_directive(k):
+                    continue
                 out.append(Problem("unknown", _join(path, k)))
                 if prune:
                     del v[k]
@@ -60,7 +66,7 @@ def _walk_unknown(v: Any, t: Type | None, path: str, out: list[Problem], prune: 
     elif t.kind == "map" and isinstance(v, dict):
         if t.elem is not None and t.elem.kind not in _LEAF:
             for k, x in v.items():
-                if not (smp and k.startswith("$")):
+                if not (smp and _is_directive(k)):
                     _walk_unknown(x, t.elem, _join(path, k), out, prune, smp)
     elif t.kind == "list" and isinstance(v, list) and t.elem is not None and t.elem.kind not in _LEAF:
         for i, x in enumerate(v):
@@ -76,8 +82,10 @@ def unknown_fields(kind: str, obj: Any, *, prune: bool = False, smp: bool = Fals
     return out
 
 
-def prune(kind: str, obj: Any) -> None:
-    unknown_fields(kind, obj, prune=True)
+def prune(kind: str, obj: Any, *, patch_type: str | None = None) -> None:
+    """Drop unknown fields in place. Without `patch_type` the body may be a strategic merge
+    patch, so its directives are kept; patch_type="" (a full object) drops them too."""
+    unknown_fields(kind, obj, prune=True, smp=patch_type is None or patch_type == "strategic")
 
 
 class _Pairs(list[tuple[str, Any]]):

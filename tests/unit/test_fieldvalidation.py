@@ -71,6 +71,21 @@ def test_prune_only():
     assert "foo" not in s["spec"]
 
 
+def test_prune_keeps_strategic_merge_directives():
+    """kubectl apply under fieldValidation=Ignore (kubectl 1.27) sends its 3-way SMP: pruning it must
+    not drop $setElementOrder / $patch, or the patch silently stops deleting and ordering."""
+    body = {"spec": {"$setElementOrder/ports": [{"port": 9090}, {"port": 80}], "bogus": 1,
+                     "ports": [{"name": "metrics", "port": 9090}, {"$patch": "delete", "port": 443}]},
+            "metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}
+    prune("Service", body)
+    assert body == {"spec": {"$setElementOrder/ports": [{"port": 9090}, {"port": 80}],
+                             "ports": [{"name": "metrics", "port": 9090}, {"$patch": "delete", "port": 443}]},
+                    "metadata": {"$deleteFromPrimitiveList/finalizers": ["a"]}}
+    full = {"spec": {"$patch": "x", "type": "ClusterIP"}}
+    prune("Service", full, patch_type="")
+    assert full == {"spec": {"type": "ClusterIP"}}
+
+
 def test_duplicate_fields_json_and_yaml():
     raw = b'{"apiVersion":"v1","kind":"Service","metadata":{"name":"x","name":"y"},"spec":{"ports":[{"port":80,"port":81}]}}'
     assert [str(p) for p in duplicate_fields(raw)] == ['duplicate field "metadata.name"', 'duplicate field "spec.ports[0].port"']
