@@ -42,7 +42,7 @@ from proxy.model import ProxyConfig, ProxyState
 from proxy.modes import MODES
 from proxy.modes.base import Mode, ModeUnavailable
 from proxy.sync import Syncer
-from proxy.tracker import INFORMER_LABEL_SELECTOR, ChangeTracker
+from proxy.tracker import INFORMER_LABEL_SELECTOR, ChangeTracker, health_check_counts
 
 log = logging.getLogger("kpx.proxy")
 
@@ -239,7 +239,8 @@ class ProxyServer:
         return len(self.informers) == 3 and all(i.has_synced for i in self.informers.values())
 
     async def _after_sync(self, state: ProxyState, conntrack_cleanup: bool) -> None:
-        await self.hc_servers.sync(self.tracker.local_endpoint_counts())
+        # what was just programmed, not what arrived meanwhile
+        await self.hc_servers.sync(health_check_counts(state.services, state.endpoints, self.node_name))
         if conntrack_cleanup and self.reconciler is not None:
             try:
                 await asyncio.to_thread(self.reconciler.reconcile, state)

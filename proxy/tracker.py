@@ -493,14 +493,23 @@ class ChangeTracker:
 
     def local_endpoint_counts(self) -> dict[ServiceKey, tuple[int, int]]:
         """For Services with a healthCheckNodePort: (port, ready local endpoints) per Service."""
-        out: dict[ServiceKey, tuple[int, int]] = {}
-        node = self.config.node_name
-        for key, ports in self._ports_by_service.items():
-            hc = next((p.health_check_node_port for p in ports.values() if p.health_check_node_port), 0)
-            if not hc:
-                continue
-            addrs: set[str] = set()
-            for spn in ports:
-                addrs.update(e.ip for e in self.endpoints.get(spn, ()) if e.node_name == node and e.ready)
-            out[key] = (hc, len(addrs))
-        return out
+        return health_check_counts(self.service_ports, self.endpoints, self.config.node_name)
+
+
+def health_check_counts(
+    services: Mapping[ServicePortName, ServicePort],
+    endpoints: Mapping[ServicePortName, tuple[Endpoint, ...]],
+    node_name: str,
+) -> dict[ServiceKey, tuple[int, int]]:
+    """Service -> (healthCheckNodePort, ready endpoints on this node), as upstream's
+    LocalReadyEndpoints feeds the service health servers (terminating ones do not count)."""
+    hc: dict[ServiceKey, int] = {}
+    addrs: dict[ServiceKey, set[str]] = {}
+    for spn, sp in services.items():
+        if not sp.health_check_node_port:
+            continue
+        key = spn.service
+        hc[key] = sp.health_check_node_port
+        addrs.setdefault(key, set()).update(
+            e.ip for e in endpoints.get(spn, ()) if e.node_name == node_name and e.ready)
+    return {key: (port, len(addrs[key])) for key, port in hc.items()}
