@@ -27,7 +27,7 @@ from tests.integration.test_iptables_packets import answer, probe_many
 
 pytestmark = pytest.mark.netns
 
-MODES = ["iptables"]  # a mode joins when it passes; it also adds itself to FLUSH_NAT below
+MODES = ["iptables", "nftables"]  # a mode joins when it passes; it also adds itself to FLUSH_NAT below
 SERVICE_CIDR = "10.96.0.0/12"
 
 
@@ -285,7 +285,11 @@ def _flush_iptables_nat(prefix: list[str]) -> None:
 
 # How someone wipes a mode's service NAT behind its back (upstream e2e "should recreate its
 # iptables rules if they are deleted"); a mode joining MODES adds its way here.
-FLUSH_NAT = {"iptables": _flush_iptables_nat}
+def _delete_nft_table(prefix: list[str]) -> None:
+    subprocess.run(prefix + ["nft", "delete", "table", "ip", "kube-proxy"], check=True)
+
+
+FLUSH_NAT = {"iptables": _flush_iptables_nat, "nftables": _delete_nft_table}
 
 
 def _restart_proxy(e2e: E2E, i: int, *extra: str) -> int:
