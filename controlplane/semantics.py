@@ -241,7 +241,7 @@ def check_unknown_fields(res: Resource, obj: Any, raw: bytes, opts: Any, *, patc
     if not kind:
         return
     if opts.field_validation == "Ignore":
-        fv.prune(kind, obj)
+        fv.prune(kind, obj, patch_type=patch_type)  # keeps a strategic patch's $-directives
         return
     problems = fv.check(kind, obj, raw=raw, patch_type=patch_type, api_version=res.api_version)
     if not problems:
