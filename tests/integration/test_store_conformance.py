@@ -288,7 +288,9 @@ async def test_etcd_watch_and_writes_survive_etcd_restart(etcd_server: EtcdServe
 
 @async_test
 async def test_periodic_compaction_keeps_the_newest_revisions(store_backend: StoreBackend) -> None:
-    s = await store_backend.open(auto_compact=True, compact_period=0.05, retain_revisions=5, retain_seconds=0.2)
+    s = await store_backend.open(
+        auto_compact=True, compact_period=0.05, retain_revisions=5, retain_seconds=0.2
+    )
     p = store_backend.prefix
     try:
         kv = await s.create(p + "ns/a", b"0")
