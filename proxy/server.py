@@ -74,7 +74,7 @@ def load_mode_class(name: str) -> type[Mode[Any]]:
 
 def _unavailable(name: str, e: Exception) -> UserError:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    if name == "ipvs":
+    if name == "ipvs" and "VM" not in msg:
         msg += " (this kernel lacks IPVS; run the IPVS mode in the VM: make test-vm)"
     return UserError(f"--proxy-mode {name}: {msg}")
 

@@ -123,10 +123,10 @@ def _entry_port(proto: str, port: int) -> str:
 class IpvsMode(Mode[IpvsPrior]):
     name = "ipvs"
 
-    def __init__(self, config: Any, scheduler: str = "rr", iptables_backend: str = "auto") -> None:
+    def __init__(self, config: Any, scheduler: str = "rr", backend: str = "auto") -> None:
         super().__init__(config)
         self.scheduler = scheduler
-        self.iptables_backend = iptables_backend
+        self.iptables_backend = backend  # --iptables-backend: the glue rules' backend
         self._ipt: Iptables | None = None
 
     # ---- render (pure) -------------------------------------------------------------------
@@ -139,7 +139,7 @@ class IpvsMode(Mode[IpvsPrior]):
         addrs: set[str] = set()
         sets: dict[str, set[str]] = {name: set() for name in IPSETS}
         for spn, svc in state.services.items():
-            cat = categorize_endpoints(svc, state.endpoints.get(spn, ()), cfg.node_name)
+            cat = categorize_endpoints(svc, state.endpoints.get(spn, ()), cfg.node_name, state.node_labels)
             internal = cat.local if svc.internal_policy_local else cat.cluster
             external = cat.local if svc.external_policy_local else cat.cluster
             pp = _entry_port(svc.protocol, svc.port)
@@ -313,8 +313,8 @@ class IpvsMode(Mode[IpvsPrior]):
     def check_kernel(cls) -> None:
         if not os.path.isdir("/proc/sys/net/ipv4/vs"):
             raise ModeUnavailable(
-                "this kernel has no IPVS (CONFIG_IP_VS is not set); run the IPVS mode inside the VM "
-                "that boots Debian's kernel: `make test-vm`, or `kpx vm -- kpx up --proxy-mode ipvs`"
+                "this kernel has no IPVS (CONFIG_IP_VS is not set); run the IPVS mode in the VM that "
+                "boots Debian's kernel: `make test-vm` (or `kpx vm -- CMD`)"
             )
         for tool in ("ipset", "iptables-nft-restore"):
             if not shutil.which(tool):
@@ -481,4 +481,4 @@ class IpvsMode(Mode[IpvsPrior]):
                        capture_output=True)
 
 
-Proxier = IpvsMode
+MODE = IpvsMode

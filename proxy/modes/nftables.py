@@ -354,7 +354,7 @@ class NftablesMode(Mode[NftPrior]):
             if svc is None:
                 r = RenderedService()
             else:
-                cat = categorize_endpoints(svc, state.endpoints.get(spn, ()), cfg.node_name)
+                cat = categorize_endpoints(svc, state.endpoints.get(spn, ()), cfg.node_name, state.node_labels)
                 r = self.render_service(svc, cat)
             chains_now = frozenset(r.chains)
             elems_now = tuple(r.elements)
@@ -462,4 +462,4 @@ class NftablesMode(Mode[NftPrior]):
             subprocess.run(["nft", "delete", "table", FAMILY, TABLE], capture_output=True, text=True)
 
 
-Proxier = NftablesMode
+MODE = NftablesMode
