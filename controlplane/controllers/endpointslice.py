@@ -143,7 +143,26 @@ def pod_endpoint(
         ep["nodeName"] = spec["nodeName"]
     if zone:
         ep["zone"] = zone
+    hints = traffic_hints((svc.get("spec") or {}).get("trafficDistribution"), ep)
+    if hints:
+        ep["hints"] = hints
     return ep
+
+
+PREFER_CLOSE = frozenset({"PreferClose", "PreferSameZone", "PreferSameNode"})
+
+
+def traffic_hints(traffic_distribution: str | None, ep: Mapping[str, Any]) -> dict[str, Any] | None:
+    """Hints for spec.trafficDistribution (upstream trafficdist): a ready endpoint is hinted for
+    its own zone, and with PreferSameNode also for its own node; otherwise no hints."""
+    if traffic_distribution not in PREFER_CLOSE or not ep["conditions"]["ready"]:
+        return None
+    hints: dict[str, Any] = {}
+    if ep.get("zone"):
+        hints["forZones"] = [{"name": ep["zone"]}]
+    if traffic_distribution == "PreferSameNode" and ep.get("nodeName"):
+        hints["forNodes"] = [{"name": ep["nodeName"]}]
+    return hints or None
 
 
 @dataclass(slots=True)
@@ -274,6 +293,10 @@ def normalize_endpoint(ep: Mapping[str, Any]) -> dict[str, Any]:
     for k in ("hostname", "nodeName", "zone"):
         if ep.get(k):
             out[k] = ep[k]
+    h = ep.get("hints") or {}
+    hints = {k: [{"name": x.get("name")} for x in h.get(k) or ()] for k in ("forZones", "forNodes") if h.get(k)}
+    if hints:
+        out["hints"] = hints
     return out
 
 

@@ -328,3 +328,16 @@ async def test_restart_adopts_existing_slices_without_writing(tmp_path: Path) ->
             await reg.delete("pods", "default", "p000", grace_period_seconds=0)
             sl = await eventually(lambda: slices_of(reg, "web"), lambda s: len(endpoints(s)) == 119)
             assert {s["metadata"]["name"] for s in sl} == set(before) and ctl.writes == 1
+
+
+@async_test
+async def test_prefer_close_gives_zone_hints(tmp_path: Path) -> None:
+    async with apiserver(tmp_path / "db") as reg:
+        await reg.create("nodes", node("n1", zone="zone-a"))
+        await reg.create("services", {"metadata": {"name": "near"}, "spec": {
+            "selector": {"app": "web"}, "trafficDistribution": "PreferClose", "ports": [{"port": 80}]}})
+        await reg.create("pods", pod("p", node_name="n1"))
+        await set_ready(reg, "default", "p", "10.244.0.9")
+        async with running(reg, controllers=("endpointslice",)):
+            sl = await eventually(lambda: slices_of(reg, "near"), lambda s: len(endpoints(s)) == 1)
+            assert endpoints(sl)["p"]["hints"] == {"forZones": [{"name": "zone-a"}]}

@@ -228,3 +228,26 @@ def test_trigger_time_tracker_follows_upstream() -> None:
     assert t is not None and t.isoformat() == "2026-12-01T10:05:00+00:00"
     plan = plan_slices(s, desired_groups(s, pods3, zones), [], t)
     assert plan.create[0]["metadata"]["annotations"][TRIGGER_TIME_ANNOTATION] == "2026-12-01T10:05:00Z"
+
+
+def test_traffic_distribution_hints() -> None:
+    pods = [pod("a", "10.244.1.2"), pod("b", "10.244.2.2", node="node2"), pod("c", "10.244.3.2", node="node3"),
+            pod("d", "10.244.1.3", ready=False)]
+    def eps(s: dict[str, Any]) -> dict[str, Any]:
+        (g,) = desired_groups(s, pods, zones).values()
+        return {e["targetRef"]["name"]: e.get("hints") for e in g.endpoints.values()}
+    assert eps(svc()) == {"a": None, "b": None, "c": None, "d": None}
+    assert eps(svc(trafficDistribution="PreferClose")) == {
+        "a": {"forZones": [{"name": "zone-a"}]}, "b": {"forZones": [{"name": "zone-b"}]},
+        "c": None,  # its node has no zone
+        "d": None}  # not ready
+    assert eps(svc(trafficDistribution="PreferSameNode"))["a"] == {
+        "forZones": [{"name": "zone-a"}], "forNodes": [{"name": "node1"}]}
+    assert eps(svc(trafficDistribution="PreferSameNode"))["c"] == {"forNodes": [{"name": "node3"}]}
+    # turning it on rewrites the slice; the hinted slice is then stable
+    s = svc()
+    existing = materialize(plan_slices(s, desired_groups(s, pods, zones), [], None).create)
+    s2 = svc(trafficDistribution="PreferClose")
+    p = plan_slices(s2, desired_groups(s2, pods, zones), existing, None)
+    assert len(p.update) == 1
+    assert plan_slices(s2, desired_groups(s2, pods, zones), [p.update[0]], None).empty
