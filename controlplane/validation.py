@@ -673,11 +673,54 @@ def _validate_containers(cs: list[Obj], key: str, names: set[str]) -> list[Field
                 if pn in pnames:
                     out.append(fe.duplicate(f"{pp}.name", pn))
                 pnames.add(pn)
-        enames: set[str] = set()
         for j, e in enumerate(_dicts(c.get("env"))):
             if not e.get("name"):
                 out.append(fe.required(f"{p}.env[{j}].name", ""))
-            enames.add(e.get("name", ""))
+        for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+            if c.get(probe) is not None:
+                out += _validate_probe(c[probe], f"{p}.{probe}", probe != "readinessProbe")
+    return out
+
+
+_HANDLERS = ("exec", "httpGet", "tcpSocket", "grpc")
+
+
+def _port_num_or_name(v: Any, path: str) -> list[FieldError]:
+    if _is_int(v):
+        return [] if 1 <= v <= 65535 else [fe.invalid(path, v, MSG_PORT_RANGE)]
+    if isinstance(v, str) and v:
+        return _strs(port_name(v), path, v)
+    return [fe.required(path, "")] if v in (None, "") else [fe.invalid(path, v, "must be an integer or a port name")]
+
+
+def _validate_probe(pr: Any, path: str, success_must_be_one: bool) -> list[FieldError]:
+    """validateProbe: one handler, non-negative timings, successThreshold 1 for liveness/startup."""
+    if not isinstance(pr, dict):
+        return [fe.invalid(path, pr, "must be an object")]
+    out: list[FieldError] = []
+    handlers = [h for h in _HANDLERS if pr.get(h) is not None]
+    if not handlers:
+        out.append(fe.required(path, "must specify a handler type"))
+    elif len(handlers) > 1:
+        out.append(fe.forbidden(f"{path}.{handlers[1]}", "may not specify more than 1 handler type"))
+    for k in ("initialDelaySeconds", "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold"):
+        v = pr.get(k)
+        if v is not None and (not _is_int(v) or v < 0):
+            out.append(fe.invalid(f"{path}.{k}", v, "must be greater than or equal to 0"))
+    st = pr.get("successThreshold")
+    if success_must_be_one and _is_int(st) and st != 1:
+        out.append(fe.invalid(f"{path}.successThreshold", st, "must be 1"))
+    hg, ts, grpc = _map(pr.get("httpGet")), _map(pr.get("tcpSocket")), _map(pr.get("grpc"))
+    if pr.get("httpGet") is not None:
+        out += _port_num_or_name(hg.get("port"), f"{path}.httpGet.port")
+        if hg.get("scheme") not in (None, "HTTP", "HTTPS"):
+            out.append(fe.not_supported(f"{path}.httpGet.scheme", hg.get("scheme"), ("HTTP", "HTTPS")))
+    if pr.get("tcpSocket") is not None:
+        out += _port_num_or_name(ts.get("port"), f"{path}.tcpSocket.port")
+    if pr.get("grpc") is not None and not (_is_int(grpc.get("port")) and 1 <= grpc["port"] <= 65535):
+        out.append(fe.invalid(f"{path}.grpc.port", grpc.get("port"), MSG_PORT_RANGE))
+    if pr.get("exec") is not None and not _list(_map(pr.get("exec")).get("command")):
+        out.append(fe.required(f"{path}.exec.command", ""))
     return out
 
 

@@ -290,3 +290,21 @@ def test_affinity_config_forbidden_with_none_and_external_name_left_over_is_fine
     # `kubectl patch -p '{"spec":{"type":"ClusterIP"}}'` on an ExternalName Service leaves externalName: upstream ignores it
     s = svc(ports=[{"port": 80}], externalName="db.example.com")
     assert validate_create("Service", s) == []
+
+
+def test_pod_probes():
+    ok = pod({"name": "a", "image": "kpx/http", "readinessProbe": {"httpGet": {"port": 8080, "path": "/"}},
+              "livenessProbe": {"tcpSocket": {"port": "http"}}, "startupProbe": {"exec": {"command": ["true"]}}})
+    assert validate_create("Pod", ok) == []
+    bad = pod({"name": "a", "image": "x:1",
+               "readinessProbe": {"periodSeconds": -1},
+               "livenessProbe": {"tcpSocket": {"port": 0}, "httpGet": {"port": 80}, "successThreshold": 2},
+               "startupProbe": {"exec": {}}})
+    assert msgs(validate_create("Pod", bad)) == [
+        "spec.containers[0].readinessProbe: Required value: must specify a handler type",
+        "spec.containers[0].readinessProbe.periodSeconds: Invalid value: -1: must be greater than or equal to 0",
+        "spec.containers[0].livenessProbe.tcpSocket: Forbidden: may not specify more than 1 handler type",
+        "spec.containers[0].livenessProbe.successThreshold: Invalid value: 2: must be 1",
+        "spec.containers[0].livenessProbe.tcpSocket.port: Invalid value: 0: must be between 1 and 65535, inclusive",
+        "spec.containers[0].startupProbe.exec.command: Required value",
+    ]
