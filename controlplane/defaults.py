@@ -8,7 +8,9 @@ before validation; on update after `alloc.prepare_service_update(old, new)`):
 
 Mutates `obj` in place. With `create=True` it also does the create-time status work of the
 strategies (Pod status reset to phase Pending + qosClass, Namespace status.phase Active and the
-`kubernetes` finalizer, Service status.loadBalancer {}). Unknown kinds are left alone.
+`kubernetes` finalizer, Service status.loadBalancer {}) and what the default admission plugins add
+to a new Pod (priority, preemptionPolicy, the 300 s not-ready/unreachable tolerations).
+Unknown kinds are left alone.
 """
 
 from __future__ import annotations
@@ -194,7 +196,22 @@ def default_pod(pod: Obj, *, create: bool = True, ip_family: str = "IPv4") -> No
         if t.get("operator") is None and "key" in t and "value" not in t:
             t["operator"] = "Exists"
     if create:
+        _admission_defaults(spec)
         pod["status"] = {"phase": "Pending", "qosClass": _qos_class(spec)}
+
+
+def _admission_defaults(spec: Obj) -> None:
+    """What kube-apiserver's default-on admission plugins add to every new Pod: Priority
+    (priority 0, preemptionPolicy) and DefaultTolerationSeconds (300 s for not-ready/unreachable)."""
+    if not spec.get("priorityClassName"):
+        spec.setdefault("priority", 0)
+        spec.setdefault("preemptionPolicy", "PreemptLowerPriority")
+    tols = _list(spec.get("tolerations"))
+    for key in ("node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"):
+        if not any(isinstance(t, dict) and t.get("key") in (key, None, "") and t.get("effect") in (None, "", "NoExecute")
+                   and (t.get("key") or t.get("operator") == "Exists") for t in tols):
+            tols = [*tols, {"key": key, "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+    spec["tolerations"] = tols
 
 
 # ---------------------------------------------------------------- EndpointSlice / Node / Namespace

@@ -98,6 +98,23 @@ def test_pod_defaults():
                                    "periodSeconds": 10, "successThreshold": 1, "failureThreshold": 3}
     assert b["resources"] == {"limits": {"cpu": "1"}, "requests": {"cpu": "1"}}
     assert p["status"] == {"phase": "Pending", "qosClass": "Burstable"}
+    # default admission plugins: Priority and DefaultTolerationSeconds
+    assert s["priority"] == 0 and s["preemptionPolicy"] == "PreemptLowerPriority"
+    assert s["tolerations"] == [
+        {"key": "node.kubernetes.io/not-ready", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300},
+        {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 300}]
+
+
+def test_pod_own_tolerations_kept_and_not_duplicated():
+    tol = {"key": "node.kubernetes.io/unreachable", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 5}
+    p = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x:1"}], "tolerations": [tol]}}
+    apply_defaults("Pod", p)
+    assert [t["key"] for t in p["spec"]["tolerations"]] == ["node.kubernetes.io/unreachable", "node.kubernetes.io/not-ready"]
+    assert p["spec"]["tolerations"][0]["tolerationSeconds"] == 5
+    everything = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "a", "image": "x:1"}],
+                                                       "tolerations": [{"operator": "Exists"}]}}
+    apply_defaults("Pod", everything)
+    assert everything["spec"]["tolerations"] == [{"operator": "Exists"}]
 
 
 def test_pod_host_network_host_ports_and_best_effort():

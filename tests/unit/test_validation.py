@@ -236,8 +236,12 @@ def test_pod_update_spec_mostly_immutable():
     old = pod({"name": "a", "image": "x:1"})
     new = copy.deepcopy(old)
     new["spec"]["containers"][0]["image"] = "x:2"
-    new["spec"]["tolerations"] = [{"key": "k", "operator": "Exists"}]
+    new["spec"]["tolerations"].append({"key": "k", "operator": "Exists"})  # additions are allowed
     assert validate_update("Pod", new, old) == []
+    dropped = copy.deepcopy(new)
+    dropped["spec"]["tolerations"] = dropped["spec"]["tolerations"][1:]
+    assert msgs(validate_update("Pod", dropped, old)) == [
+        "spec.tolerations: Forbidden: existing toleration can not be modified except its tolerationSeconds"]
     new["spec"]["restartPolicy"] = "Never"
     (e,) = validate_update("Pod", new, old)
     assert e.field == "spec" and e.body().startswith("Forbidden: pod updates may not change fields other than")
