@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from controlplane.controllers.api import Registry
+from controlplane.controllers.api import AsManager, Registry
 from controlplane.controllers.base import Controller
 from controlplane.controllers.endpointslice import MAX_ENDPOINTS_PER_SLICE
 from controlplane.controllers.endpointslice_controller import EndpointSliceController
@@ -79,6 +79,8 @@ class ControllerSet:
     def __init__(self, registry: Registry, config: ControllerConfig) -> None:
         self.config = config
         self.informers = InformerFactory(registry)
+        kcm: Registry = AsManager(registry, "kube-controller-manager")
+        sched: Registry = AsManager(registry, "kube-scheduler")
         self.controllers: dict[str, Controller[Any]] = {}
         want = set(config.controllers)
         unknown = want - set(ALL_CONTROLLERS)
@@ -86,25 +88,25 @@ class ControllerSet:
             raise UserError(f"--controllers: unknown {', '.join(sorted(unknown))}; known: {', '.join(ALL_CONTROLLERS)}")
         if "endpointslice" in want:
             self.controllers["endpointslice"] = EndpointSliceController(
-                registry, self.informers, config.max_endpoints_per_slice)
+                kcm, self.informers, config.max_endpoints_per_slice)
         if "namespace" in want:
-            self.controllers["namespace"] = NamespaceController(registry, self.informers)
+            self.controllers["namespace"] = NamespaceController(kcm, self.informers)
         if "garbagecollector" in want:
-            self.controllers["garbagecollector"] = GarbageCollector(registry, self.informers)
+            self.controllers["garbagecollector"] = GarbageCollector(kcm, self.informers)
         if "scheduler" in want:
-            self.controllers["scheduler"] = Scheduler(registry, self.informers)
+            self.controllers["scheduler"] = Scheduler(sched, self.informers)
         if "podgc" in want:
-            self.controllers["podgc"] = PodLifecycleController(registry, self.informers)
+            self.controllers["podgc"] = PodLifecycleController(kcm, self.informers)
         if "nodeipam" in want and config.allocate_node_cidrs:
             try:
                 self.controllers["nodeipam"] = NodeIpamController(
-                    registry, self.informers, config.cluster_cidrs,
+                    kcm, self.informers, config.cluster_cidrs,
                     config.node_cidr_mask_size_ipv4, config.node_cidr_mask_size_ipv6)
             except ValueError as e:
                 raise UserError(f"--cluster-cidr: {e}") from None
         if "nodelifecycle" in want:
             self.controllers["nodelifecycle"] = NodeLifecycleController(
-                registry, self.informers, config.node_monitor_grace_period)
+                kcm, self.informers, config.node_monitor_grace_period)
         self._tasks: list[asyncio.Task[None]] = []
 
     def __getitem__(self, name: str) -> Controller[Any]:

@@ -81,3 +81,46 @@ def is_not_found(exc: BaseException) -> bool:
 
 def is_conflict(exc: BaseException) -> bool:
     return error_code(exc) == 409
+
+
+class AsManager:
+    """The registry, with every write recorded under `manager` in managedFields (upstream's
+    kube-controller-manager / kube-scheduler), when the registry takes write options."""
+
+    def __init__(self, registry: Registry, manager: str) -> None:
+        self._r = registry
+        self.manager = manager
+        from controlplane import registry as real
+
+        # another implementation of the protocol gets the calls unchanged
+        self._opts: Any = real.WriteOptions if isinstance(registry, real.Registry) else None
+
+    def _kw(self) -> dict[str, Any]:
+        return {"opts": self._opts(field_manager=self.manager)} if self._opts is not None else {}
+
+    async def get(self, resource: str, namespace: str | None, name: str) -> Obj | None:
+        return await self._r.get(resource, namespace, name)
+
+    async def list(self, resource: str, namespace: str | None = None, label_selector: str = "",
+                   field_selector: str = "") -> tuple[list[Obj], str]:
+        return await self._r.list(resource, namespace, label_selector, field_selector)
+
+    def watch(self, resource: str, namespace: str | None = None,
+              resource_version: str = "") -> AsyncIterator[tuple[str, Obj]]:
+        return self._r.watch(resource, namespace, resource_version)
+
+    async def create(self, resource: str, obj: Obj, namespace: str | None = None) -> Obj:
+        return await self._r.create(resource, obj, namespace, **self._kw())  # type: ignore[call-arg]
+
+    async def update(self, resource: str, obj: Obj, *, subresource: str = "") -> Obj:
+        return await self._r.update(resource, obj, subresource=subresource, **self._kw())  # type: ignore[call-arg]
+
+    async def update_status(self, resource: str, obj: Obj) -> Obj:
+        return await self._r.update_status(resource, obj, **self._kw())  # type: ignore[call-arg]
+
+    async def delete(self, resource: str, namespace: str | None, name: str,
+                     preconditions: dict[str, Any] | None = None, grace_period_seconds: int | None = None) -> Any:
+        return await self._r.delete(resource, namespace, name, preconditions, grace_period_seconds)
+
+    async def bind(self, namespace: str, name: str, binding: Obj) -> None:
+        await self._r.bind(namespace, name, binding, **self._kw())  # type: ignore[call-arg]
