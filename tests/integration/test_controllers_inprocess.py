@@ -341,3 +341,27 @@ async def test_prefer_close_gives_zone_hints(tmp_path: Path) -> None:
         async with running(reg, controllers=("endpointslice",)):
             sl = await eventually(lambda: slices_of(reg, "near"), lambda s: len(endpoints(s)) == 1)
             assert endpoints(sl)["p"]["hints"] == {"forZones": [{"name": "zone-a"}]}
+
+
+@async_test
+async def test_foreground_and_orphan_propagation(tmp_path: Path) -> None:
+    async with apiserver(tmp_path / "db") as reg, running(reg, controllers=("garbagecollector",)):
+        for policy in ("Foreground", "Orphan"):
+            owner = await reg.create("services", {"metadata": {"name": f"o-{policy.lower()}"},
+                                                  "spec": {"ports": [{"port": 80}]}})
+            ref = {"apiVersion": "v1", "kind": "Service", "name": owner["metadata"]["name"],
+                   "uid": owner["metadata"]["uid"], "blockOwnerDeletion": True}
+            for i in range(2):
+                d = pod(f"{policy.lower()}-{i}")
+                d["metadata"]["ownerReferences"] = [ref]
+                await reg.create("pods", d)
+            obj, gone_now = await reg.delete("services", "default", owner["metadata"]["name"],
+                                             propagation_policy=policy)
+            assert not gone_now and obj["metadata"]["deletionTimestamp"]  # held by the GC finalizer
+            await eventually(lambda o=owner: reg.get("services", "default", o["metadata"]["name"]), lambda s: s is None)
+            left = {p["metadata"]["name"]: p for p in (await reg.list("pods"))[0]}
+            if policy == "Foreground":
+                assert not any(n.startswith("foreground-") for n in left)
+            else:
+                assert {"orphan-0", "orphan-1"} <= set(left)
+                assert all(not left[n]["metadata"].get("ownerReferences") for n in ("orphan-0", "orphan-1"))

@@ -58,3 +58,17 @@ def test_namespace_finalize_drops_only_kubernetes() -> None:
     assert out is not None and out["spec"]["finalizers"] == ["other"]
     assert ns["spec"]["finalizers"] == ["kubernetes", "other"]  # input untouched
     assert finalized({"metadata": {"name": "t"}, "spec": {}}) is None
+
+
+def test_pending_finalizer_and_orphaning() -> None:
+    from controlplane.controllers.gc import pending_finalizer, without_owner
+
+    live = {"metadata": {"name": "s", "finalizers": ["orphan"]}}
+    assert pending_finalizer(live) is None  # not being deleted
+    going = {"metadata": {"name": "s", "deletionTimestamp": "2026-12-01T10:00:00Z",
+                          "finalizers": ["orphan", "foregroundDeletion", "other"]}}
+    assert pending_finalizer(going) == "foregroundDeletion"
+    d = dep(ref("Service", "web", "s1"), ref("Node", "n", "n1"))
+    assert [r["uid"] for r in without_owner(d, "s1")["metadata"]["ownerReferences"]] == ["n1"]
+    assert "ownerReferences" not in without_owner(dep(ref("Service", "web", "s1")), "s1")["metadata"]
+    assert len(d["metadata"]["ownerReferences"]) == 2  # input untouched
