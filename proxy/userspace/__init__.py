@@ -1,0 +1,1 @@
+"""Userspace mode: portal rules (pure render) and the socket data path (one epoll thread)."""
