@@ -152,6 +152,31 @@ class Iptables:
             argv.append("-c")
         return _run(argv, netns=self.netns).decode()
 
+    def snapshot(self, builtin: dict[str, set[str]]) -> SavedTables:
+        """What a full sync needs to know: every chain name, and the rules of the given builtin
+        chains (table -> chains). legacy: one iptables-save. nft: `nft -j list chains ip` plus one
+        `-S` per builtin chain, which skips translating every rule back (iptables-nft-save of 10k
+        Services x 10 endpoints: ~20 s here; this: ~1-2 s)."""
+        if self.backend == "legacy":
+            return parse_save(self.save())
+        try:
+            import orjson
+
+            doc = orjson.loads(_run(["nft", "-j", "list", "chains", "ip"], netns=self.netns))
+        except (IptablesError, ValueError):
+            return parse_save(self.save())
+        chains: dict[str, list[str]] = {}
+        for item in doc.get("nftables", ()):
+            c = item.get("chain")
+            if c and c.get("family") == "ip":
+                chains.setdefault(str(c["table"]), []).append(str(c["name"]))
+        rules: dict[str, list[str]] = {}
+        for table, names in builtin.items():
+            for chain in sorted(names):
+                if chain in chains.get(table, ()):
+                    rules.setdefault(table, []).extend(self.list_rules(table, chain))
+        return SavedTables(chains, rules)
+
     def run(self, *args: str) -> str:
         return _run([f"iptables-{self.backend}", *self._wait(), *args], netns=self.netns).decode()
 

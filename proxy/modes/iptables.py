@@ -130,7 +130,11 @@ class IptablesMode(Mode[IptablesPrior]):
         self, plan: Plan[IptablesPrior]
     ) -> tuple[dict[str, tuple[list[str], list[str]]], dict[str, list[str]]]:
         """(stale chains to delete per table, missing jump rules per table), from one save."""
-        saved = parse_save(self.iptables.save())
+        jump_list = jump_chains(self.renderer.config)
+        builtin: dict[str, set[str]] = {}
+        for j in jump_list:
+            builtin.setdefault(j.table, set()).add(j.source)
+        saved = self.iptables.snapshot(builtin)
         active: set[str] = set()
         for chains in plan.prior.chains.values():
             active |= chains
@@ -145,7 +149,7 @@ class IptablesMode(Mode[IptablesPrior]):
             extra["nat"] = ([chain_line(c) for c in stale], [f"-X {c}" for c in stale])
             plan.stats["chains_deleted"] = plan.stats.get("chains_deleted", 0) + len(stale)
         jumps: dict[str, list[str]] = {}
-        for jump in jump_chains(self.renderer.config):
+        for jump in jump_list:
             if not saved.has_jump(jump.table, jump.source, jump.target):
                 jumps.setdefault(jump.table, []).append(jump.rule())
         return extra, jumps

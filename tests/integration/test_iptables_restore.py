@@ -226,3 +226,20 @@ def test_nft_full_sync_with_many_chains_hooks_jumps(netns: str) -> None:
         assert sum(1 for r in saved.rules[j.table] if r.startswith(f"-A {j.source} ") and r.endswith(f"-j {j.target}")) == 1
     assert len([c for c in saved.chains["nat"] if c.startswith("KUBE-SEP-")]) == n
     assert not m.check_drift()
+
+
+def test_nft_snapshot_matches_save(netns: str) -> None:
+    """The nft fast path (nft -j list chains + -S of builtin chains) sees what iptables-save sees."""
+    ipt = Iptables("nft", netns)
+    ipt.restore("*nat\n:FOREIGN - [0:0]\n-A PREROUTING -p udp --dport 9 -j FOREIGN\nCOMMIT\n")
+    m = _mode(netns, "nft")
+    m.apply(m.render(state(_two_services((ep("10.244.1.3"),))), None))
+    builtin = {"nat": {"PREROUTING", "OUTPUT", "POSTROUTING"}, "filter": {"INPUT", "FORWARD", "OUTPUT"}}
+    fast, full = ipt.snapshot(builtin), parse_save(ipt.save())
+    builtins = {"PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING"}  # save prints them even if absent
+    for table in ("nat", "filter", "mangle"):
+        assert sorted(set(fast.chains[table]) - builtins) == sorted(set(full.chains[table]) - builtins)
+    assert "KUBE-SVC-4SW47YFZTEDKD3PK" in fast.chains["nat"]
+    for table, chains in builtin.items():
+        want = sorted(r for r in full.rules[table] if r.split()[1] in chains)
+        assert sorted(fast.rules[table]) == want and want
