@@ -158,6 +158,8 @@ def range_offset(size: int, lo: int, hi: int, step: int) -> int:
 
 
 class _Allocator:
+    floor = 0  # offsets below it are handed out only when asked for by value
+
     def __init__(self, size: int, offset: int, rng: random.Random | None) -> None:
         self.bitmap = Bitmap(size)
         self.offset = offset
@@ -172,7 +174,7 @@ class _Allocator:
         if bm.count >= size:
             raise RangeFull(ERR_FULL)
         # dynamic band [offset, size): random start, scan forward, wrap; then the static band
-        for lo, hi in ((self.offset, size), (0, self.offset)):
+        for lo, hi in ((max(self.offset, self.floor), size), (self.floor, self.offset)):
             if lo >= hi:
                 continue
             start = self.rng.randrange(lo, hi)
@@ -196,9 +198,11 @@ class _Allocator:
 
 
 class ClusterIPAllocator(_Allocator):
-    """IPs of one service CIDR; the network address (and broadcast, IPv4) are never handed out."""
+    """IPs of one service CIDR; the network address (and broadcast, IPv4) are never handed out,
+    and the first address is kept for the `kubernetes` Service (only allocated by value)."""
 
     _allocated_msg = ERR_IP_ALLOCATED
+    floor = 1
 
     def __init__(self, cidr: str = "10.96.0.0/12", rng: random.Random | None = None) -> None:
         try:

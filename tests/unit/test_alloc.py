@@ -66,10 +66,11 @@ def test_bitmap_matches_a_set(ops):
 
 def test_cluster_ip_range_excludes_network_and_broadcast():
     a = ClusterIPAllocator("10.0.0.0/29", rng=random.Random(0))
-    got = {a.allocate_next() for _ in range(6)}
-    assert got == {f"10.0.0.{i}" for i in range(1, 7)}
+    got = {a.allocate_next() for _ in range(5)}
+    assert got == {f"10.0.0.{i}" for i in range(2, 7)}  # .1 is the kubernetes Service's
     with pytest.raises(RangeFull):
         a.allocate_next()
+    a.allocate("10.0.0.1")
     for bad in ("10.0.0.0", "10.0.0.7", "10.0.1.1"):
         with pytest.raises(RangeError, match="not in the valid range. The range of valid IPs is 10.0.0.0/29"):
             a.allocate(bad)
@@ -90,10 +91,12 @@ def test_dynamic_allocation_prefers_upper_band():
     a = ClusterIPAllocator("10.96.0.0/24", rng=random.Random(5))  # 254 usable, static band 16
     first = [a.allocate_next() for _ in range(238)]
     assert all(int(ip.rsplit(".", 1)[1]) > 16 for ip in first)
-    # upper band exhausted -> falls back to the static band, still no duplicates
-    rest = [a.allocate_next() for _ in range(16)]
-    assert len(set(first + rest)) == 254
-    assert all(int(ip.rsplit(".", 1)[1]) <= 16 for ip in rest)
+    # upper band exhausted -> falls back to the static band (never .1), still no duplicates
+    rest = [a.allocate_next() for _ in range(15)]
+    assert len(set(first + rest)) == 253
+    assert all(1 < int(ip.rsplit(".", 1)[1]) <= 16 for ip in rest)
+    with pytest.raises(RangeFull):
+        a.allocate_next()
 
 
 def test_ipv6_range():
