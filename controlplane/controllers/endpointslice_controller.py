@@ -167,11 +167,16 @@ class EndpointSliceController(Controller[Key]):
         ns, name = key
         svc = self.services.get(ns, name)
         existing = self.slices.by_index(SLICE_SERVICE_INDEX, (ns, name))
-        if svc is None or not has_selector(svc) or meta(svc).get("deletionTimestamp"):
+        if svc is not None and meta(svc).get("deletionTimestamp"):
+            return  # being deleted: its slices follow the propagation policy (GC: foreground / orphan)
+        if svc is None or not has_selector(svc):
             if svc is None:
                 self.tracker.forget(ns, name)
-            for s in existing:  # GC would also remove them via ownerReferences; this is faster
-                await self._delete(s)
+            for s in existing:
+                # Slices still owned by a Service go now (GC would take them too; this is faster).
+                # Orphaned ones (kubectl delete --cascade=orphan removed the reference) stay.
+                if svc is not None or any(r.get("kind") == "Service" for r in meta(s).get("ownerReferences") or ()):
+                    await self._delete(s)
             return
         pods = self.pods_for(svc)
         groups = desired_groups(svc, pods, self.zone_of)

@@ -345,10 +345,11 @@ async def test_prefer_close_gives_zone_hints(tmp_path: Path) -> None:
 
 @async_test
 async def test_foreground_and_orphan_propagation(tmp_path: Path) -> None:
-    async with apiserver(tmp_path / "db") as reg, running(reg, controllers=("garbagecollector",)):
+    async with apiserver(tmp_path / "db") as reg, running(reg, controllers=("garbagecollector", "endpointslice")):
         for policy in ("Foreground", "Orphan"):
             owner = await reg.create("services", {"metadata": {"name": f"o-{policy.lower()}"},
-                                                  "spec": {"ports": [{"port": 80}]}})
+                                                  "spec": {"selector": {"none": "x"}, "ports": [{"port": 80}]}})
+            await eventually(lambda o=owner: slices_of(reg, o["metadata"]["name"]), lambda s: len(s) == 1)
             ref = {"apiVersion": "v1", "kind": "Service", "name": owner["metadata"]["name"],
                    "uid": owner["metadata"]["uid"], "blockOwnerDeletion": True}
             for i in range(2):
@@ -362,6 +363,10 @@ async def test_foreground_and_orphan_propagation(tmp_path: Path) -> None:
             left = {p["metadata"]["name"]: p for p in (await reg.list("pods"))[0]}
             if policy == "Foreground":
                 assert not any(n.startswith("foreground-") for n in left)
+                await eventually(lambda: slices_of(reg, "o-foreground"), lambda s: s == [])
             else:
                 assert {"orphan-0", "orphan-1"} <= set(left)
                 assert all(not left[n]["metadata"].get("ownerReferences") for n in ("orphan-0", "orphan-1"))
+                await asyncio.sleep(0.3)
+                (kept,) = await slices_of(reg, "o-orphan")  # orphaned, not deleted
+                assert not kept["metadata"].get("ownerReferences")
