@@ -287,7 +287,7 @@ class Handlers:
         rv = request.query.get("resourceVersion", "")
         co = await self.reg.get_cached(t.res, t.namespace or "", t.name, rv)
         if wants_table(request):
-            obj = self.reg.present(t.res, co.obj)
+            obj = self.reg.present(t.res, co.obj, private=True)
             return self._table_response([obj], t.res, request, rv=obj["metadata"].get("resourceVersion", ""))
         check_accept(request)
         return raw_json_response(self.reg.present_raw(t.res, co))
@@ -327,7 +327,8 @@ class Handlers:
             resource_version=p["rv"], resource_version_match=p["rvm"],
         )
         if wants_table(request):
-            objs = [self.reg.present(t.res, o) for o in page.objs]
+            # read-only rendering: the cache's shared objects are not copied
+            objs = [self.reg.present(t.res, o, private=True) for o in page.objs]
             return self._table_response(objs, t.res, request, rv=str(page.rv), cont=page.continue_token,
                                         remaining=page.remaining)
         check_accept(request)

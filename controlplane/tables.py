@@ -8,6 +8,8 @@ duration.HumanDuration.
 from __future__ import annotations
 
 import datetime as dt
+import functools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -55,11 +57,18 @@ def _ts(v: Any) -> dt.datetime | None:
     return t if t.tzinfo else t.replace(tzinfo=dt.UTC)
 
 
+@functools.lru_cache(maxsize=4096)
+def _epoch(v: str) -> float | None:
+    t = _ts(v)
+    return t.timestamp() if t is not None else None
+
+
 def age(obj: Obj) -> str:
-    t = _ts((obj.get("metadata") or {}).get("creationTimestamp"))
-    if t is None:
+    v = (obj.get("metadata") or {}).get("creationTimestamp")
+    e = _epoch(v) if isinstance(v, str) else None
+    if e is None:
         return "<unknown>"
-    return human_duration((dt.datetime.now(dt.UTC) - t).total_seconds())
+    return human_duration(time.time() - e)
 
 
 def _d(o: Any, *path: str) -> Any:
