@@ -26,7 +26,9 @@ from controlplane.controllers.base import Controller
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.objects import meta, uid_of
 
-GC_RESOURCES = ("pods", "services", "endpointslices", "events", "nodes", "namespaces")
+# Events are left out: they never own anything, seldom have owners, and caching every Event of a
+# busy cluster would cost more than it collects (the namespace controller removes them anyway).
+GC_RESOURCES = ("pods", "services", "endpointslices", "nodes", "namespaces")
 UID_INDEX = "gc-uid"
 OWNER_INDEX = "gc-owner-uid"
 GCKey = tuple[str, str, str, str]  # (DEPENDENT | OWNER, resource, namespace, name)
