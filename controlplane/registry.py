@@ -82,7 +82,7 @@ def with_rv(obj: dict[str, Any], rev: int) -> dict[str, Any]:
 @dataclass
 class WriteOptions:
     dry_run: bool = False
-    field_manager: str = ""
+    field_manager: str = "kube-controller-manager"  # in-process writers are the controllers
     field_validation: str = "Ignore"  # Strict | Warn | Ignore (unknown fields, checked by the REST layer)
     force: bool = False
     warnings: list[str] = field(default_factory=list)

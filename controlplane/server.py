@@ -22,7 +22,7 @@ from aiohttp import web
 from controlplane import discovery, errors, openapi
 from controlplane.errors import ApiError
 from controlplane.handlers import Handlers, json_response, parse_resource_path
-from controlplane.registry import Registry, RegistryConfig
+from controlplane.registry import Registry, RegistryConfig, WriteOptions
 
 log = logging.getLogger("controlplane.server")
 
@@ -187,7 +187,7 @@ class APIServer:
             res = {"Namespace": "namespaces", "Service": "services", "EndpointSlice": "endpointslices"}[kind]
             ns = (obj.get("metadata") or {}).get("namespace")
             try:
-                await self.registry.create(res, obj, ns)
+                await self.registry.create(res, obj, ns, WriteOptions(field_manager="kube-apiserver"))
             except ApiError as e:
                 if e.reason != "AlreadyExists":
                     log.warning("bootstrap %s %s: %s", kind, obj["metadata"].get("name"), e.message)
@@ -204,12 +204,14 @@ class APIServer:
                 want = bootstrap.kubernetes_endpointslice(c.advertised(), c.secure_port)
                 cur = await self.registry.get("endpointslices", "default", "kubernetes")
                 if cur is None:
-                    await self.registry.create("endpointslices", want, "default")
+                    await self.registry.create("endpointslices", want, "default",
+                                               WriteOptions(field_manager="kube-apiserver"))
                 elif bootstrap.endpointslice_differs(cur, want):
                     new = {**cur, **{k: want[k] for k in ("addressType", "endpoints", "ports")}}
                     new["metadata"] = {**cur["metadata"], "labels": {**(cur["metadata"].get("labels") or {}),
                                                                      **want["metadata"]["labels"]}}
-                    await self.registry.update("endpointslices", new)
+                    await self.registry.update("endpointslices", new,
+                                               opts=WriteOptions(field_manager="kube-apiserver"))
             except ApiError as e:
                 log.info("kubernetes endpointslice reconcile: %s", e.message)
             except asyncio.CancelledError:

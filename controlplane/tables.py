@@ -213,6 +213,30 @@ def _es_row(o: Obj) -> list[Any]:
     return [_d(o, "metadata", "name") or "", o.get("addressType") or "", _es_ports(o), _es_endpoints(o), age(o)]
 
 
+# ---- Event (core v1 shape; events.k8s.io objects are converted back before printing)
+
+def _since(v: Any) -> str:
+    e = _epoch(v) if isinstance(v, str) and v else None
+    return human_duration(time.time() - e) if e is not None else "<unknown>"
+
+
+def _ev_row(o: Obj) -> list[Any]:
+    if o.get("apiVersion") == "events.k8s.io/v1":
+        from controlplane import eventconv
+
+        o = eventconv.to_core(o) | {"metadata": o.get("metadata") or {}}
+    series: Obj = o["series"] if isinstance(o.get("series"), dict) else {}
+    first = o.get("firstTimestamp") or o.get("eventTime")
+    last = series.get("lastObservedTime") or o.get("lastTimestamp") or o.get("eventTime") or first
+    count = series.get("count") or o.get("count") or 1
+    inv: Obj = o["involvedObject"] if isinstance(o.get("involvedObject"), dict) else {}
+    obj = f"{str(inv.get('kind') or '').lower()}/{inv.get('name') or ''}"
+    src: Obj = o["source"] if isinstance(o.get("source"), dict) else {}
+    source = ", ".join(x for x in (src.get("component"), src.get("host")) if x) or o.get("reportingComponent") or ""
+    return [_since(last), o.get("type") or "", o.get("reason") or "", obj, inv.get("fieldPath") or "",
+            source, str(o.get("message") or "").strip(), _since(first), count, _d(o, "metadata", "name") or ""]
+
+
 # ---- default
 
 def _default_row(o: Obj) -> list[Any]:
@@ -236,13 +260,17 @@ PRINTERS: dict[str, tuple[list[Col], Callable[[Obj], list[Any]]]] = {
     "Namespace": ([_NAME, ("Status", "string", "", 0), _AGE], _ns_row),
     "EndpointSlice": ([_NAME, ("AddressType", "string", "", 0), ("Ports", "string", "", 0),
                        ("Endpoints", "string", "", 0), _AGE], _es_row),
+    "Event": ([("Last Seen", "string", "", 0), ("Type", "string", "", 0), ("Reason", "string", "", 0),
+               ("Object", "string", "", 0), ("Subobject", "string", "", 1), ("Source", "string", "", 1),
+               ("Message", "string", "", 0), ("First Seen", "string", "", 1), ("Count", "integer", "", 1),
+               ("Name", "string", "name", 1)], _ev_row),
 }
 _DEFAULT: tuple[list[Col], Callable[[Obj], list[Any]]] = (
     [_NAME, ("Created At", "date", "", 0)], _default_row)
 
 
 def _printer(res: Resource) -> tuple[list[Col], Callable[[Obj], list[Any]]]:
-    if res.group in ("", "discovery.k8s.io"):
+    if res.group in ("", "discovery.k8s.io", "events.k8s.io"):
         return PRINTERS.get(res.kind, _DEFAULT)
     return _DEFAULT
 

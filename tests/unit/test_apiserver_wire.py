@@ -148,3 +148,18 @@ def test_event_shapes_round_trip():
     assert new["apiVersion"] == "events.k8s.io/v1" and new["note"] == "m" and new["regarding"] == {"name": "x"}
     assert new["deprecatedCount"] == 2 and new["reportingController"] == "rc"
     assert json.dumps(eventconv.to_core(new), sort_keys=True) == json.dumps(core, sort_keys=True)
+
+
+def test_event_table_row():
+    ev = {"apiVersion": "v1", "kind": "Event", "metadata": {"name": "p1.abc"}, "type": "Warning",
+          "reason": "FailedScheduling", "message": "0/0 nodes are available.", "count": 3,
+          "involvedObject": {"kind": "Pod", "name": "p1"}, "source": {"component": "default-scheduler"},
+          "lastTimestamp": "2020-01-01T00:00:00Z", "firstTimestamp": "2020-01-01T00:00:00Z"}
+    t = tables.table(resources.by_name("events"), [ev])
+    assert [c["name"] for c in t["columnDefinitions"] if c["priority"] == 0] == [
+        "Last Seen", "Type", "Reason", "Object", "Message"]
+    cells = t["rows"][0]["cells"]
+    assert cells[1:4] == ["Warning", "FailedScheduling", "pod/p1"] and cells[5] == "default-scheduler"
+    assert cells[6] == "0/0 nodes are available." and cells[8] == 3 and cells[9] == "p1.abc"
+    new = tables.table(resources.by_name("events", "events.k8s.io"), [eventconv.to_events_v1(ev)])
+    assert new["rows"][0]["cells"][:9] == cells[:9]
