@@ -178,6 +178,7 @@ class IptablesRenderer:
         self._sep_names: dict[tuple[ServicePortName, str], str] = {}
         self._probabilities: dict[int, str] = {}
         self._rendered_once = False
+        self._labels: dict[str, str] = {}
         self._init_config(config)
 
     def _init_config(self, config: ProxyConfig) -> None:
@@ -246,7 +247,12 @@ class IptablesRenderer:
 
     def _render(self, state: ProxyState, prior: IptablesPrior | None) -> Plan[IptablesPrior]:
         config_changed = state.config != self.config
-        if config_changed:
+        labels = dict(state.node_labels or {})
+        if labels != self._labels:  # topology (zone) moves endpoints of every port: like a new config
+            config_changed = True
+            self._labels = labels
+            self._blocks.clear()
+        if state.config != self.config:
             self._init_config(state.config)
         services = state.services
         endpoints = state.endpoints
@@ -438,7 +444,7 @@ class IptablesRenderer:
         proto = svc.protocol_lower
         pm = f"-m {proto} -p {proto}"
         svc_chain, svl_chain, ext_chain, fw_chain = self.chain_names(spn)
-        cat = categorize_endpoints(svc, eps, cfg.node_name)
+        cat = categorize_endpoints(svc, eps, cfg.node_name, self._labels)
         cluster_eps, local_eps = cat.cluster, cat.local
         has_endpoints = cat.has_any  # upstream's hasAnyEndpoints: a usable endpoint anywhere
 

@@ -312,3 +312,24 @@ def test_config_change_makes_the_next_sync_full() -> None:
     plan = r.render(state(_two_services((ep("10.244.1.3"),)), cfg2, changed=frozenset()), first.prior)
     assert plan.full and plan.stats["chains_skipped"] == 0
     assert "-A KUBE-SVC-4SW47YFZTEDKD3PK" in plan.payload.text()
+
+
+def test_topology_hints_follow_node_labels_and_force_full_sync() -> None:
+    from proxy.model import LABEL_TOPOLOGY_ZONE
+
+    eps = (
+        Endpoint("10.244.1.2", 8080, node_name=NODE, zone_hints=("zone-a",)),
+        Endpoint("10.244.2.2", 8080, node_name="node2", zone_hints=("zone-b",)),
+    )
+    ports = [(svc(WEB, "10.96.0.50"), eps)]
+    r = IptablesRenderer(CFG)
+    st = state(ports)
+    first = r.render(ProxyState(CFG, st.services, st.endpoints, node_labels={LABEL_TOPOLOGY_ZONE: "zone-b"}), None)
+    assert "10.244.2.2:8080" in first.payload.text() and "10.244.1.2:8080" not in first.payload.text()
+    moved = r.render(
+        ProxyState(CFG, st.services, st.endpoints, changed=frozenset(), node_labels={LABEL_TOPOLOGY_ZONE: "zone-a"}),
+        first.prior,
+    )
+    assert moved.full  # upstream: a node label change forces a full sync
+    assert "10.244.1.2:8080" in moved.payload.text() and "10.244.2.2:8080" not in moved.payload.text()
+    assert moved.stats["chains_deleted"] == 1  # the zone-b endpoint's KUBE-SEP is stale now
