@@ -170,6 +170,33 @@ def cleanup_all(opts: ProxyOptions) -> list[str]:
     return problems
 
 
+# Modes that program the same kernel objects: cleaning one up would tear down the other's
+# (iptables and ipvs both own nat KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ ...).
+SHARED_STATE = (frozenset({"iptables", "ipvs"}),)
+
+
+def cleanup_other_modes(current: str, cfg: ProxyConfig, opts: ProxyOptions) -> list[str]:
+    """At start-up, remove what OTHER modes left in this netns (as upstream's CleanupLeftovers),
+    so switching a node's proxy between modes leaves no rules of the old mode. Returns the names
+    of the modes cleaned up."""
+    cleaned = []
+    for name in MODES:
+        if name == current or any({name, current} <= pair for pair in SHARED_STATE):
+            continue
+        try:
+            mode = build_mode(name, cfg, opts)
+        except UserError:
+            continue  # not usable on this kernel: it cannot have left anything either
+        try:
+            mode.cleanup()
+            cleaned.append(name)
+        except Exception as e:
+            log.warning("cleanup of %s leftovers failed: %s", name, e)
+        finally:
+            mode.close()
+    return cleaned
+
+
 # --------------------------------------------------------------------------- server
 
 
@@ -189,8 +216,11 @@ class ProxyServer:
         backoff: Callable[[], Backoff] = Backoff,
         conntrack: bool = True,
         health_check_bind: tuple[str, ...] = ("0.0.0.0",),
+        cleanup_leftovers: bool | None = None,
     ) -> None:
         self.opts = opts
+        # only a real proxy (its own mode, its own netns) cleans up after other modes
+        self.cleanup_leftovers = mode is None if cleanup_leftovers is None else cleanup_leftovers
         self.node_name = node_name_of(opts)
         self.kubeconfig = kubeconfig or self._load_kubeconfig()  # cheap mistakes first
         self.config = mode.config if mode is not None else proxy_config(opts, self.node_name, node_ips)
@@ -336,6 +366,9 @@ class ProxyServer:
         if mb is not None:
             self.metrics_address = await self._serve(self.metrics_app(), mb, "--metrics-bind-address")
         self.health.queued_update()  # the first sync is pending from the start
+        if self.cleanup_leftovers:
+            cleaned = await asyncio.to_thread(cleanup_other_modes, self.mode.name, self.config, o)
+            log.info("removed leftovers of other modes: %s", ",".join(cleaned) or "-")
         for coro, name in ((self._run_informers(), "informers"), (self.syncer.runner.loop(), "sync-runner"),
                            (self.syncer.drift_loop(), "drift-check")):
             task = asyncio.create_task(coro, name=name)

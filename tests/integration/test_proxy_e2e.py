@@ -292,7 +292,7 @@ def _delete_nft_table(prefix: list[str]) -> None:
 FLUSH_NAT = {"iptables": _flush_iptables_nat, "nftables": _delete_nft_table}
 
 
-def _restart_proxy(e2e: E2E, i: int, *extra: str) -> int:
+def _restart_proxy(e2e: E2E, i: int, *extra: str, mode: str | None = None) -> int:
     from netns.up import _http_ok, kpx_argv, node_kubeconfig_path, spawn
 
     n = e2e.node(i)
@@ -301,7 +301,7 @@ def _restart_proxy(e2e: E2E, i: int, *extra: str) -> int:
     pid = int(st["components"][role])
     os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or _zombie(pid), what="old proxy gone")
-    argv = kpx_argv("proxy", "--proxy-mode", e2e.mode, "--kubeconfig", str(node_kubeconfig_path(e2e.c.lab)),
+    argv = kpx_argv("proxy", "--proxy-mode", mode or e2e.mode, "--kubeconfig", str(node_kubeconfig_path(e2e.c.lab)),
                     "--hostname-override", n.name, "--cluster-cidr", e2e.c.lab.pod_cidr, *extra)
     p = spawn(e2e.c.lab, role, argv, netns=n.netns)
     _record_component(e2e, role, p.pid)
@@ -354,6 +354,27 @@ def test_flushed_nat_table_comes_back(e2e: E2E) -> None:
     FLUSH_NAT[e2e.mode](["ip", "netns", "exec", e2e.node(0).netns])
     assert probe_many(client, "tcp", cip, 80, timeout=1)[0].startswith("ERR")  # really gone
     wait_answers(client, "tcp", cip, 80, timeout=45)  # the canary check forced a full resync
+
+
+# What each mode leaves in a node netns: a switch must leave none of the old mode's objects.
+MODE_MARKS = {"iptables": ("KUBE-SVC-", "KUBE-SEP-", ":KUBE-SERVICES"), "nftables": ("table ip kube-proxy",)}
+
+
+def test_switching_modes_and_back_leaves_no_rules_of_the_other(e2e: E2E) -> None:
+    other = next(m for m in MODE_MARKS if m != e2e.mode)
+    s = service(e2e, unique_name("sw"), {"app": e2e.app}, type="NodePort")
+    cip, np_ = s["spec"]["clusterIP"], s["spec"]["ports"][0]["nodePort"]
+    client = e2e.pod_prefix(e2e.clients["node1"])
+    node1 = ["ip", "netns", "exec", e2e.node(0).netns]
+    wait_answers(client, "tcp", cip, 80)
+    for mode, gone in ((other, e2e.mode), (e2e.mode, other)):
+        for i in (0, 1):
+            _restart_proxy(e2e, i, mode=mode)
+        wait_answers(client, "tcp", cip, 80)
+        wait_answers(e2e.ext(), "tcp", e2e.node(0).ip, np_)
+        dump = _save(node1)
+        assert not [m for m in MODE_MARKS[gone] if m in dump], f"{gone} rules left after switching to {mode}"
+        assert any(m in dump for m in MODE_MARKS[mode])
 
 
 def test_proxy_cleanup_leaves_no_kpx_rule(e2e: E2E) -> None:
