@@ -45,6 +45,7 @@ class DataPath:
         self.relay = relay
         self.pipes = PipePool(pipe_size)
         self.relays: set[Relay] = set()
+        self.dials: set[_Dial] = set()
         self.dialing = 0
         self.accepted = 0
         self.dial_failures = 0
@@ -58,6 +59,8 @@ class DataPath:
         self.relays.add(r)
 
     def close(self) -> None:
+        for d in list(self.dials):
+            d.abort()
         for r in list(self.relays):
             r.close()
         self.pipes.close()
@@ -68,9 +71,9 @@ class TcpListener:
                  dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS) -> None:
         self.dp = dp
         self.lb = lb
-        self.port = port
         self.dial_timeouts = dial_timeouts
         self.sock = listen_socket(socket.SOCK_STREAM, bind_ip, port)
+        self.port = self.sock.getsockname()[1]  # port 0: the kernel's choice (tests, bench)
         self.fd = self.sock.fileno()
         dp.reactor.register(self.fd, IN, self._on_accept)
 
@@ -87,7 +90,9 @@ class TcpListener:
                 return
             conn.setblocking(False)
             self.dp.accepted += 1
-            _Dial(self, conn, addr[0]).next()
+            d = _Dial(self, conn, addr[0])
+            self.dp.dials.add(d)
+            d.next()
 
     def close(self) -> None:
         self.dp.reactor.unregister(self.fd)
@@ -126,6 +131,13 @@ class _Dial:
             dp.dial_failures += 1
             self.attempt += 1
         self.client.close()  # no endpoint answered: the client sees the connection end
+        dp.dials.discard(self)
+
+    def abort(self) -> None:
+        if self.sock is not None:
+            self._done().close()
+        self.client.close()
+        self.ln.dp.dials.discard(self)
 
     def _done(self) -> socket.socket:
         s = self.sock
@@ -149,6 +161,7 @@ class _Dial:
         if err:
             self._fail(s)
             return
+        self.ln.dp.dials.discard(self)
         self.ln.dp.start_relay(self.client, s)
 
     def _on_timeout(self) -> None:
