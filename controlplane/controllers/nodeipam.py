@@ -13,6 +13,7 @@ from typing import Any
 
 from controlplane.controllers.api import Obj, Registry, is_not_found
 from controlplane.controllers.base import Controller
+from controlplane.controllers.events import record
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.objects import meta
 
@@ -188,7 +189,10 @@ class NodeIpamController(Controller[str]):
             return
         cidrs = self.alloc.allocate_node(name)
         if cidrs is None:
-            self.waiting.add(name)
+            if name not in self.waiting:
+                self.waiting.add(name)
+                await record(self.registry, node, "Node", "Normal", "CIDRNotAvailable",
+                             f"Node {name} status is now: CIDRNotAvailable", "cidrAllocator")
             self.log.warning("controller=%s node=%s no pod CIDR left", self.name, name)
             self.queue.add_after(name, 30.0)
             return

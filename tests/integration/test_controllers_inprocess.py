@@ -281,7 +281,10 @@ async def test_node_ipam_stable_across_restart_and_released_on_delete(tmp_path: 
             assert n is not None and n["spec"]["podCIDRs"] == [first["n1"]]
         async with running(reg, **cfg):  # restart: rebuilt from the Nodes, nothing handed out twice
             await reg.create("nodes", node("n3"))
-            await asyncio.sleep(0.5)
+            events = await eventually(lambda: reg.list("events", namespace="default"),
+                                      lambda r: any(e["reason"] == "CIDRNotAvailable" for e in r[0]))
+            (ev,) = [e for e in events[0] if e["reason"] == "CIDRNotAvailable"]
+            assert ev["involvedObject"]["kind"] == "Node" and ev["involvedObject"]["name"] == "n3"
             assert await cidr("n3") is None  # range full
             assert {"n1": await cidr("n1"), "n2": await cidr("n2")} == first
             await reg.delete("nodes", None, "n1")
