@@ -37,6 +37,7 @@ import orjson
 
 from controlplane import errors, eventconv, semantics
 from controlplane.errors import ApiError
+from controlplane.reservations import Reservations, Taken
 from controlplane.resources import Resource, by_name
 from controlplane.selectors import EVERYTHING, Selector
 from controlplane.selectors import parse as parse_selector
@@ -93,6 +94,7 @@ class RegistryConfig:
     service_cluster_ip_range: str = "10.96.0.0/12"
     service_node_port_range: str = "30000-32767"
     bookmark_interval: float = 60.0
+    shared_store: bool = False  # etcd: other apiservers may allocate too -> reserve values in the store
 
 
 @dataclass
@@ -125,14 +127,76 @@ class Registry:
         self.config = config or RegistryConfig()
         self.sem = semantics.Semantics(self.config.service_cluster_ip_range, self.config.service_node_port_range)
         self._write_lock = asyncio.Lock()  # serialises allocation + write per process
+        self.reservations: Reservations | None = (
+            Reservations(store, self._holds) if self.config.shared_store else None
+        )
 
     async def start(self) -> None:
         prefix = by_name("services").prefix(None)
         items, rev, _ = self.cache.list(prefix)
         for w in self.sem.rebuild_allocations([c.obj for c in items]):
             log.warning("%s", w)
+        if self.reservations is not None:
+            held: list[tuple[str, str, str | int]] = []
+            for c in items:
+                ips, ports = semantics._held(c.obj)
+                held += [(c.key, "clusterips", ip) for ip in ips] + [(c.key, "nodeports", p) for p in ports]
+            n = await self.reservations.ensure(held)
+            if n:
+                log.info("reserved %d ClusterIPs/NodePorts held by stored Services", n)
         self._alloc_task = asyncio.get_running_loop().create_task(self._follow_services(prefix, rev),
                                                                   name="kpx-registry-alloc")
+
+    def _holds(self, owner: str, kind: str, value: str | int) -> bool:
+        co = self.cache.get(owner)
+        if co is None:
+            return False
+        ips, ports = semantics._held(co.obj)
+        return value in (ips if kind == "clusterips" else ports)
+
+    async def _allocate(
+        self, res: Resource, old: dict[str, Any] | None, new: dict[str, Any], key: str, dry_run: bool
+    ) -> Any:
+        """Local allocation, then (shared store) reservation of each newly taken value; a value another
+        apiserver holds is marked taken here and the allocation retried (or 422 if the user asked for it)."""
+        asked = copy.deepcopy(new.get("spec"))
+        for _attempt in range(16):
+            txn = self.sem.allocate(res, old, new, dry_run=dry_run)
+            if txn is None or dry_run or self.reservations is None:
+                return txn
+            done: list[tuple[str, str | int]] = []
+            try:
+                for kind, vals in (("clusterips", txn.allocated_ips), ("nodeports", txn.allocated_ports)):
+                    for v in vals:
+                        await self.reservations.reserve(key, kind, v)
+                        done.append((kind, v))
+                return txn
+            except Taken as t:
+                txn.revert()
+                for kind, v in done:
+                    await self.reservations.release(key, kind, v)
+                self.sem.mark_taken(t.kind, t.value)
+                spec_s = orjson.dumps(asked or {}).decode()
+                user_asked = (f'"{t.value}"' in spec_s) if t.kind == "clusterips" else (
+                    f'"nodePort":{t.value}' in spec_s or f'"healthCheckNodePort":{t.value}' in spec_s)
+                if user_asked:
+                    field = "spec.clusterIPs" if t.kind == "clusterips" else "spec.ports"
+                    what = "provided IP is already allocated" if t.kind == "clusterips" else \
+                        "provided port is already allocated"
+                    raise errors.invalid("Service", new["metadata"].get("name", ""), [errors.cause(
+                        field, f"Invalid value: {orjson.dumps(t.value).decode()}: {what}")]) from None
+                new["spec"] = copy.deepcopy(asked)
+        raise errors.internal("could not reserve a ClusterIP/NodePort: too many collisions with other apiservers")
+
+    async def _unreserve(self, key: str, ips: Any, ports: Any) -> None:
+        if self.reservations is None:
+            return
+        for kind, vals in (("clusterips", ips), ("nodeports", ports)):
+            for v in vals:
+                try:
+                    await self.reservations.release(key, kind, v)
+                except base.StoreError as e:  # a leftover is taken over once stale
+                    log.warning("releasing %s %s: %s", kind, v, e)
 
     async def stop(self) -> None:
         t = getattr(self, "_alloc_task", None)
@@ -439,8 +503,8 @@ class Registry:
         self.sem.validate_create(res, obj)
         await self._namespace_check(res, ns, name)
         async with self._write_lock:
-            txn = self.sem.allocate(res, None, obj, dry_run=opts.dry_run)
             key = res.key(ns, name)
+            txn = await self._allocate(res, None, obj, key, opts.dry_run)
             if opts.dry_run:
                 exists = await self.store.get(key)
                 if txn:
@@ -450,13 +514,12 @@ class Registry:
                 return self.present(res, obj)
             try:
                 kv = await self.store.create(key, encode_stored(obj))
-            except base.KeyExists:
+            except BaseException as e:
                 if txn:
                     txn.revert()
-                raise errors.already_exists(res.resource, name, res.group) from None
-            except BaseException:
-                if txn:
-                    txn.revert()
+                    await self._unreserve(key, txn.allocated_ips, txn.allocated_ports)
+                if isinstance(e, base.KeyExists):
+                    raise errors.already_exists(res.resource, name, res.group) from None
                 raise
             if txn:
                 txn.commit()
@@ -645,36 +708,37 @@ class Registry:
             if _same_ignoring_managed(cur, new):
                 return self.present(res, cur)
             self.sem.managed_fields_update(res, cur, new, opts.field_manager, manager_op, subresource)
+            key = res.key(ns, name)
             async with self._write_lock:
-                txn = self.sem.allocate(res, cur, new, dry_run=opts.dry_run)
+                txn = await self._allocate(res, cur, new, key, opts.dry_run)
                 if opts.dry_run:
                     if txn:
                         txn.revert()
                     return self.present(res, with_rv(new, kv.mod_revision))
                 try:
                     if self._should_delete(res, new):
-                        dkv = await self.store.delete(res.key(ns, name), kv.mod_revision)
+                        dkv = await self.store.delete(key, kv.mod_revision)
                         if txn:
                             txn.commit()
                         self.sem.release(res, new)
+                        if res.kind == "Service" and not res.group:
+                            await self._unreserve(key, *semantics._held(cur))
                         return self.present(res, with_rv(new, dkv.mod_revision), private=True)
-                    nkv = await self.store.update(res.key(ns, name), encode_stored(new), kv.mod_revision)
-                except base.Conflict:
+                    nkv = await self.store.update(key, encode_stored(new), kv.mod_revision)
+                except BaseException as e:
                     if txn:
                         txn.revert()
-                    if conditional:
-                        raise errors.conflict(res.resource, name, res.group) from None
-                    continue
-                except base.KeyNotFound:
-                    if txn:
-                        txn.revert()
-                    raise errors.not_found(res.resource, name, res.group) from None
-                except BaseException:
-                    if txn:
-                        txn.revert()
+                        await self._unreserve(key, txn.allocated_ips, txn.allocated_ports)
+                    if isinstance(e, base.Conflict):
+                        if conditional:
+                            raise errors.conflict(res.resource, name, res.group) from None
+                        continue
+                    if isinstance(e, base.KeyNotFound):
+                        raise errors.not_found(res.resource, name, res.group) from None
                     raise
                 if txn:
                     txn.commit()
+                    await self._unreserve(key, txn.release_ips, txn.release_ports)
             return self.present(res, with_rv(new, nkv.mod_revision), private=True)
         raise errors.conflict(res.resource, name, res.group, "too many concurrent writers, try again")
 
@@ -786,6 +850,8 @@ class Registry:
             except base.KeyNotFound:
                 raise errors.not_found(res.resource, name, res.group) from None
             self.sem.release(res, cur)
+            if res.kind == "Service" and not res.group:
+                await self._unreserve(res.key(ns, name), *semantics._held(cur))
             return self.present(res, with_rv(cur, dkv.mod_revision), private=True), True
         raise errors.conflict(res.resource, name, res.group, "too many concurrent writers, try again")
 

@@ -109,6 +109,14 @@ class Semantics:
                 del self._port_owner[port]
                 self.ports.release(port)
 
+    def mark_taken(self, kind: str, value: str | int) -> None:
+        """Another apiserver holds `value`: never hand it out here (freed by that Service's DELETE event)."""
+        if kind == "clusterips" and isinstance(value, str):
+            if self.ips.contains(value) and not self.ips.has(value):
+                self.ips.allocate(value)
+        elif isinstance(value, int) and self.ports.contains(value) and not self.ports.has(value):
+            self.ports.allocate(value)
+
     # ---- defaulting / validation
 
     def prepare_create(self, res: Resource, obj: dict[str, Any]) -> None:

@@ -156,7 +156,8 @@ class APIServer:
         await self.cache.start()
         self.registry = Registry(
             self.store, self.cache,
-            RegistryConfig(c.service_cluster_ip_range, c.service_node_port_range, c.bookmark_interval),
+            RegistryConfig(c.service_cluster_ip_range, c.service_node_port_range, c.bookmark_interval,
+                           shared_store=c.storage == "etcd"),
         )
         await self.registry.start()
         await self._bootstrap()

@@ -150,3 +150,54 @@ def test_apiserver_restart_keeps_state_on_etcd(apiserver_factory: Any, etcd_serv
     finally:
         core.delete_namespaced_service(name, "default")
         c.close()
+
+
+def test_concurrent_allocation_across_apiservers_never_duplicates(apiserver_factory: Any, etcd_server: Any) -> None:
+    """Both servers create Services at once from a tiny range: every ClusterIP and NodePort is unique
+    (values are reserved in etcd before the Service is written)."""
+    flags = ("--storage", "etcd", "--etcd-servers", etcd_server.url, "--service-cluster-ip-range", "10.97.0.0/26",
+             "--service-node-port-range", "31000-31059", "--controllers", "")
+    a = apiserver_factory(*flags, name="ca")
+    b = apiserver_factory(*flags, name="cb")
+    ns = f"alloc-{uuid.uuid4().hex[:6]}"
+    ca, core_a = core_api(a)
+    cb, core_b = core_api(b)
+    errors: list[str] = []
+    try:
+        core_a.create_namespace({"metadata": {"name": ns}})
+        core_b.read_namespace(ns)
+
+        def make(core: client.CoreV1Api, tag: str) -> None:
+            for i in range(22):
+                try:
+                    core.create_namespaced_service(ns, svc(f"{tag}{i}", type="NodePort"))
+                except ApiException as e:  # only "range is full" would be acceptable, and it must not happen
+                    errors.append(e.body)
+
+        ts = [threading.Thread(target=make, args=(core_a, "a")), threading.Thread(target=make, args=(core_b, "b"))]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        assert not errors, errors[:3]
+        items = core_a.list_namespaced_service(ns).items
+        ips = [s.spec.cluster_ip for s in items]
+        ports = [p.node_port for s in items for p in s.spec.ports]
+        assert len(items) == 44
+        assert len(set(ips)) == 44, sorted(ips)
+        assert len(set(ports)) == 44, sorted(ports)
+        # deleting through one server frees the values for the other (reservation released)
+        for s in items[:10]:
+            core_a.delete_namespaced_service(s.metadata.name, ns)
+        for i in range(10):
+            core_b.create_namespaced_service(ns, svc(f"c{i}", type="NodePort"))
+        items = core_b.list_namespaced_service(ns).items
+        assert len({s.spec.cluster_ip for s in items}) == len(items) == 44
+    finally:
+        try:
+            for s in core_a.list_namespaced_service(ns).items:
+                core_a.delete_namespaced_service(s.metadata.name, ns)
+        except ApiException:
+            pass
+        ca.close()
+        cb.close()
