@@ -106,7 +106,7 @@ async def run(kubeconfig: Path, n: int, probe: bool, state_dir: Path, pin: int =
                          for d in (state_dir / "ipam").iterdir()) if (state_dir / "ipam").exists() else 0
             if not left and not sb_left and not netns_left and leases == 0:
                 break
-            if time.monotonic() - t1 > 300:
+            if time.monotonic() - t1 > 90:
                 raise RuntimeError(f"teardown stuck: {len(left)} pods, {len(sb_left)} sandboxes, {leases} leases")
             await asyncio.sleep(0.2)
         t_gone = time.monotonic()

@@ -356,11 +356,13 @@ class PodWorker:
             prober = Prober(ps, sb.ip, sb.enter_argv, on_change)
             t = asyncio.create_task(prober.run())
             ex = asyncio.create_task(r.exited.wait())
-            await asyncio.wait([t, ex], return_when=asyncio.FIRST_COMPLETED)
-            t.cancel()
-            ex.cancel()
+            try:
+                await asyncio.wait([t, ex], return_when=asyncio.FIRST_COMPLETED)
+            finally:  # also when _probe itself is cancelled: never leave a prober behind
+                t.cancel()
+                ex.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+                await asyncio.wait_for(t, 2.0)
             self.probe_ready[r.name] = False
             self.changed()
             await asyncio.sleep(0.05)
@@ -437,7 +439,9 @@ class PodWorker:
         await asyncio.gather(*(r.stop(grace) for r in self.runners))
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        # bounded: a task that does not unwind must not keep the sandbox (and its IP) forever
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=5.0)
         if not self.gone and grace > 0:  # a graceful stop shows the terminated containers
             with contextlib.suppress(Exception):
                 await self._post_status()
@@ -688,8 +692,21 @@ class Agent:
 
     # -- main --------------------------------------------------------------------------------
 
+    def dump_tasks(self) -> None:
+        """SIGUSR1: log every asyncio task and where it waits (for 'why is this pod stuck')."""
+        import io
+
+        for t in asyncio.all_tasks():
+            buf = io.StringIO()
+            t.print_stack(limit=6, file=buf)
+            log.info("task %s: %s", t.get_name(), buf.getvalue().replace("\n", " | "))
+
     async def run(self) -> None:
         o = self.opts
+        import signal
+
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.dump_tasks)
         if self.lab is not None:
             self.load_sandboxes()
         await self.register()

@@ -7,7 +7,7 @@ as kubelet does from the host; exec runs the command inside the pod's namespaces
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,37 +60,89 @@ def parse_probe(pod: Mapping[str, Any], container: Mapping[str, Any], probe: Map
     raise ValueError("probe has none of tcpSocket, httpGet, exec (grpc is not supported by kpx)")
 
 
-async def tcp_probe(host: str, port: int, timeout: float) -> tuple[bool, str]:
+def _quiet(fut: asyncio.Future[Any]) -> None:
+    """Retrieve an abandoned future's outcome so asyncio does not warn about it."""
+    if not fut.cancelled():
+        fut.exception()
+
+
+async def _within(aw: Awaitable[Any], deadline: float) -> Any:
+    """Await aw until the loop-time deadline; TimeoutError after it. Never waits for a
+    cancelled operation to unwind (a connect cancelled in uvloop can hang): it is abandoned,
+    and the caller closes the socket under it."""
+    fut = asyncio.ensure_future(aw)
+    left = deadline - asyncio.get_running_loop().time()
     try:
-        _, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        done, _ = await asyncio.wait({fut}, timeout=max(left, 0.0))
+    except BaseException:
+        fut.cancel()
+        fut.add_done_callback(_quiet)
+        raise
+    if not done:
+        fut.cancel()
+        fut.add_done_callback(_quiet)
+        raise TimeoutError
+    return fut.result()
+
+
+async def _connect(host: str, port: int, deadline: float) -> socket.socket:
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        await _within(loop.sock_connect(sock, (host, port)), deadline)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, TimeoutError):
+        return "i/o timeout"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror.lower()
+    return str(e) or type(e).__name__
+
+
+async def tcp_probe(host: str, port: int, timeout: float) -> tuple[bool, str]:
+    """Connect and close, like kubelet's tcpSocket probe."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    try:
+        sock = await _connect(host, port, deadline)
     except (OSError, TimeoutError) as e:
-        return False, f"dial tcp {host}:{port}: {e.strerror if isinstance(e, OSError) and e.strerror else 'timeout'}"
-    w.close()
-    with contextlib.suppress(OSError):
-        await w.wait_closed()
+        return False, f"dial tcp {host}:{port}: connect: {_why(e)}"
+    sock.close()
     return True, ""
 
 
 async def http_probe(host: str, port: int, path: str, timeout: float) -> tuple[bool, str]:
     """GET; 200 <= code < 400 is success, like kubelet."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    url = f"http://{host}:{port}{path}"
     try:
-        r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+        sock = await _connect(host, port, deadline)
     except (OSError, TimeoutError) as e:
-        return False, f"Get http://{host}:{port}{path}: {e.strerror if isinstance(e, OSError) and e.strerror else 'timeout'}"
+        return False, f'Get "{url}": dial tcp {host}:{port}: connect: {_why(e)}'
     try:
-        req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/kpx\r\nConnection: close\r\n\r\n"
-        w.write(req.encode())
-        await w.drain()
-        line = await asyncio.wait_for(r.readline(), timeout)
-        parts = line.decode(errors="replace").split()
+        req = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: kube-probe/1.33\r\nConnection: close\r\n\r\n"
+        await _within(loop.sock_sendall(sock, req.encode()), deadline)
+        buf = b""
+        while b"\r\n" not in buf and len(buf) < 4096:
+            chunk = await _within(loop.sock_recv(sock, 4096), deadline)
+            if not chunk:
+                break
+            buf += chunk
+        parts = buf.split(b"\r\n", 1)[0].decode(errors="replace").split()
         code = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
         if 200 <= code < 400:
             return True, ""
         return False, f"HTTP probe failed with statuscode: {code}"
     except (OSError, TimeoutError) as e:
-        return False, f"Get http://{host}:{port}{path}: {e}"
+        return False, f'Get "{url}": {_why(e)}'
     finally:
-        w.close()
+        sock.close()
 
 
 async def exec_probe(argv: Sequence[str], timeout: float) -> tuple[bool, str]:
