@@ -72,6 +72,7 @@ class UserspaceMode(Mode[UserspacePrior]):
         relay: str = "splice",
         bind_ip: str = "0.0.0.0",
         dial_timeouts: tuple[float, ...] = DIAL_TIMEOUTS,
+        pipe_size: int = 1 << 20,
     ) -> None:
         super().__init__(config)
         if backend not in ("auto", *BACKENDS):
@@ -86,6 +87,7 @@ class UserspaceMode(Mode[UserspacePrior]):
         self.relay = relay
         self.bind_ip = bind_ip
         self.dial_timeouts = dial_timeouts
+        self.pipe_size = pipe_size
         self.proxier: Proxier | None = None
         self._jumps_checked = False
         try:  # a restarted proxy keeps the proxy ports the rules already point at
@@ -111,7 +113,8 @@ class UserspaceMode(Mode[UserspacePrior]):
     def _data_path(self) -> Proxier:
         if self.proxier is None:
             self.proxier = Proxier(self.netns, relay=self.relay, bind_ip=self.bind_ip,
-                                   udp_idle_timeout=self.udp_idle_timeout, dial_timeouts=self.dial_timeouts)
+                                   udp_idle_timeout=self.udp_idle_timeout, dial_timeouts=self.dial_timeouts,
+                                   pipe_size=self.pipe_size)
         return self.proxier
 
     def apply(self, plan: Plan[UserspacePrior]) -> UserspacePrior:

@@ -49,13 +49,22 @@ class DataPath:
         self.dialing = 0
         self.accepted = 0
         self.dial_failures = 0
+        self.bytes_closed = 0  # bytes relayed by connections that have ended
+
+    def _ended(self, r: Relay) -> None:
+        self.relays.discard(r)
+        self.bytes_closed += r.bytes
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_closed + sum(r.bytes for r in self.relays)
 
     def start_relay(self, client: socket.socket, backend: socket.socket) -> None:
         r: Relay
         if self.relay == "splice":
-            r = SpliceRelay(self.reactor, client, backend, self.pipes, on_close=self.relays.discard)
+            r = SpliceRelay(self.reactor, client, backend, self.pipes, on_close=self._ended)
         else:
-            r = CopyRelay(self.reactor, client, backend, on_close=self.relays.discard)
+            r = CopyRelay(self.reactor, client, backend, on_close=self._ended)
         self.relays.add(r)
 
     def close(self) -> None:
