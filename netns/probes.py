@@ -7,6 +7,7 @@ as kubelet does from the host; exec runs the command inside the pod's namespaces
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -100,8 +101,8 @@ async def _connect(host: str, port: int, deadline: float) -> socket.socket:
 def _why(e: BaseException) -> str:
     if isinstance(e, TimeoutError):
         return "i/o timeout"
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror.lower()
+    if isinstance(e, OSError) and e.errno:
+        return os.strerror(e.errno).lower()  # "connection refused", as kubelet's Go error says
     return str(e) or type(e).__name__
 
 
