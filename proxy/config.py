@@ -43,6 +43,8 @@ class ProxyOptions:
     iptables_backend: str = "auto"
     ipvs_scheduler: str = "rr"
     tcp_be_liberal: bool = False
+    udp_idle_timeout: float = 0.25  # userspace mode: --udp-timeout (udpIdleTimeout)
+    proxy_port_range: str = ""  # userspace mode: --proxy-port-range (portRange); "" = 20000-29999
     cleanup: bool = False
     config_file: str | None = None
     verbosity: int = 0
@@ -176,6 +178,10 @@ def load_config_file(path: str) -> dict[str, Any]:
     for key, opt in (("syncPeriod", "sync_period"), ("minSyncPeriod", "min_sync_period")):
         if doc.get(key) is not None:  # v1alpha2-style top-level periods
             out[opt] = parse_duration(doc[key], f"{what}: {key}")
+    if doc.get("udpIdleTimeout") is not None:
+        out["udp_idle_timeout"] = parse_duration(doc["udpIdleTimeout"], f"{what}: udpIdleTimeout")
+    if doc.get("portRange"):
+        out["proxy_port_range"] = str(doc["portRange"])
     ct = doc.get("conntrack") or {}
     if ct.get("tcpBeLiberal") is not None:
         out["tcp_be_liberal"] = bool(ct["tcpBeLiberal"])
@@ -187,6 +193,8 @@ def load_config_file(path: str) -> dict[str, Any]:
 
 FLAG_DESTS = {
     "proxy_mode": "mode",
+    "udp_timeout": "udp_idle_timeout",
+    "proxy_port_range": "proxy_port_range",
     "kubeconfig": "kubeconfig",
     "master": "master",
     "hostname_override": "hostname_override",
@@ -285,6 +293,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
     a("--ipvs-scheduler", metavar="NAME", help="IPVS scheduler (default rr)")
     a("--conntrack-tcp-be-liberal", nargs="?", const=True, type=_bool, metavar="BOOL",
       help="the node uses nf_conntrack_tcp_be_liberal: no INVALID-drop rule")
+    a("--udp-timeout", metavar="DURATION", help="userspace mode: idle time after which a UDP flow ends (default 250ms)")
+    a("--proxy-port-range", metavar="BEGIN-END", help="userspace mode: proxy ports (BEGIN-END or BEGIN+SIZE; "
+      "default 20000-29999)")
     a("--cleanup", action="store_true", default=None,
       help="remove everything kpx programmed, in every mode, then exit")
     a("--config", metavar="PATH", help="a KubeProxyConfiguration (kubeproxy.config.k8s.io/v1alpha1) YAML file")
@@ -317,6 +328,8 @@ def resolve(args: argparse.Namespace) -> ProxyOptions:
     values["mode"] = mode
     if isinstance(values.get("sync_period"), str):
         values["sync_period"] = parse_duration(values["sync_period"], "--iptables-sync-period")
+    if isinstance(values.get("udp_idle_timeout"), str):
+        values["udp_idle_timeout"] = parse_duration(values["udp_idle_timeout"], "--udp-timeout")
     if isinstance(values.get("min_sync_period"), str):
         values["min_sync_period"] = parse_duration(values["min_sync_period"], "--iptables-min-sync-period")
     if isinstance(values.get("nodeport_addresses"), str):

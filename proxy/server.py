@@ -90,6 +90,8 @@ def build_mode(name: str, config: ProxyConfig, opts: ProxyOptions, **extra: Any)
         "backend": opts.iptables_backend,
         "scheduler": opts.ipvs_scheduler,
         "tcp_be_liberal": True if opts.tcp_be_liberal else None,
+        "udp_idle_timeout": opts.udp_idle_timeout,  # userspace mode
+        "port_range": opts.proxy_port_range or None,  # userspace mode
         **extra,
     }
     params = inspect.signature(cls.__init__).parameters
