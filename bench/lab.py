@@ -126,6 +126,10 @@ class BenchLab:
                             f"bench starts its own proxies: 'kpx up --lab {name}' without --proxy-mode")
         return cls(lab, state_root() / name / "kubeconfig", owned=False)
 
+    @staticmethod
+    def remove(name: str) -> None:
+        _kpx("down", "--lab", name, timeout=180)
+
     def down(self) -> None:
         for pid in self.pids:
             try:

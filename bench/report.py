@@ -132,13 +132,14 @@ def _latency_table(recs: list[dict[str, Any]]) -> list[str]:
         if r["metric"] != "first_packet_rtt_s" or not r.get("n") or r["mode"] == "client":
             continue
         ratio = ""
+        spread = (f"{_us(r['repeat_p50_min'])}–{_us(r['repeat_p50_max'])}" if r.get("repeat_p50_min") is not None
+                  else "–")
         if r["mode"] != "direct":
             d = ix.get((f"direct (under {r['cell']})", "first_packet_rtt_s", r["services"]))
             if d and d.get("p50"):
                 ratio = f"{r['p50'] / d['p50']:.2f}×"
         rows.append(f"| {label(r)} | {r['services']} | {r['n']} | {_us(r['p01'])} | {_us(r['p50'])} | "
-                    f"{_us(r['p90'])} | {_us(r['p99'])} | {_us(r.get('repeat_p50_min'))}–"
-                    f"{_us(r.get('repeat_p50_max'))} | {ratio} |")
+                    f"{_us(r['p90'])} | {_us(r['p99'])} | {spread} | {ratio} |")
     return rows
 
 

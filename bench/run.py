@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -259,7 +260,13 @@ def run(a: Any) -> int:
     t0 = time.monotonic()
     with prog.shown():
         prog.step(f"building lab {s.lab}")
-        bl = BenchLab.attach(s.lab) if s.reuse else BenchLab.up(s.lab)
+        try:
+            bl = BenchLab.attach(s.lab) if s.reuse else BenchLab.up(s.lab)
+        except KeyboardInterrupt:  # Ctrl-C while `kpx up` runs: remove whatever it built
+            if not s.reuse:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
+                BenchLab.remove(s.lab)
+            raise
         try:
             prog.step(f"{s.endpoints} backend pods and a client pod")
             bl.prepare(s.endpoints)
@@ -288,6 +295,7 @@ def run(a: Any) -> int:
                     prog.advance()
         finally:
             prog.step("removing the lab")
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave half a lab
             bl.down()
             res.machine["loadavg_end"] = list(os.getloadavg())
             res.machine["duration_s"] = time.monotonic() - t0
