@@ -27,6 +27,7 @@ from controlplane.controllers.objects import (
     pod_terminal,
     uid_of,
 )
+from controlplane.controllers.topology import assign_zone_hints, topology_mode_auto
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 MANAGED_BY_LABEL = "endpointslice.kubernetes.io/managed-by"
@@ -179,10 +180,23 @@ def endpoint_key(ep: Mapping[str, Any]) -> EndpointKey:
 
 
 def desired_groups(
-    svc: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], zone_of: Callable[[str], str | None]
+    svc: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], zone_of: Callable[[str], str | None],
+    zone_ratios: Mapping[str, float] | None = None,
 ) -> dict[GroupKey, Group]:
     """Endpoints of the Service's Pods grouped by (address type, resolved port set); Pods in
-    name order so the result does not depend on cache order."""
+    name order so the result does not depend on cache order. With topology-mode Auto, zone
+    hints come from `zone_ratios` (the zones' CPU shares; None: hints off)."""
+    groups = _desired_groups(svc, pods, zone_of)
+    if topology_mode_auto(svc):
+        for at in address_types(svc):
+            assign_zone_hints((e for (t, _), g in sorted(groups.items()) if t == at for e in g.endpoints.values()),
+                              zone_ratios)
+    return groups
+
+
+def _desired_groups(
+    svc: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], zone_of: Callable[[str], str | None]
+) -> dict[GroupKey, Group]:
     groups: dict[GroupKey, Group] = {}
     types = address_types(svc)
     for pod in sorted(pods, key=lambda p: meta(p).get("name") or ""):

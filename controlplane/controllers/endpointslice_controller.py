@@ -27,6 +27,7 @@ from controlplane.controllers.endpointslice import (
 )
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.objects import Key, condition, key_of, labels_of, meta, selector_matches
+from controlplane.controllers.topology import topology_mode_auto, zone_cpu_ratios
 
 POD_LABEL_INDEX = "ns-label"
 SVC_SELECTOR_INDEX = "ns-selector-anchor"
@@ -61,6 +62,15 @@ def _slice_service_index(slc: Obj) -> Iterable[Hashable]:
 def _pod_node_index(pod: Obj) -> Iterable[Hashable]:
     n = (pod.get("spec") or {}).get("nodeName")
     return [n] if n else []
+
+
+def _node_capacity(node: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of a Node moves the zones' CPU shares (besides its zone)."""
+    st = node.get("status") or {}
+    ready = condition(node, "Ready")
+    return ((st.get("allocatable") or {}).get("cpu"), (st.get("capacity") or {}).get("cpu"),
+            ready.get("status") if ready else None,
+            tuple(k for k in labels_of(node) if k.startswith("node-role.kubernetes.io/")))
 
 
 def pod_fingerprint(pod: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -106,10 +116,18 @@ class EndpointSliceController(Controller[Key]):
         self.slices.add_handler(self._slice_event, lambda o, n: self._slice_event(n), self._slice_event,
                                 origin=self.name)
         self.writes = 0
+        self.topology_services: set[Key] = set()  # annotated topology-mode: Auto
+        self._ratios: dict[str, float] | None = None
+        self._ratios_stale = True
 
     # --- handlers: only enqueue ---
     def _svc_event(self, svc: Obj) -> None:
-        self.queue.add(key_of(svc))
+        k = key_of(svc)
+        if topology_mode_auto(svc) and self.services.get(*k) is not None:
+            self.topology_services.add(k)
+        else:
+            self.topology_services.discard(k)
+        self.queue.add(k)
 
     def _services_for(self, pod: Mapping[str, Any]) -> set[Key]:
         ns = meta(pod).get("namespace") or ""
@@ -134,10 +152,25 @@ class EndpointSliceController(Controller[Key]):
     def _node_event(self, node: Obj) -> None:
         for pod in self.pods.by_index(POD_NODE_INDEX, meta(node).get("name")):
             self._pod_added(pod)
+        self._topology_changed()
 
     def _node_updated(self, old: Obj, new: Obj) -> None:
         if labels_of(old).get(ZONE_LABEL) != labels_of(new).get(ZONE_LABEL):
             self._node_event(new)
+        elif _node_capacity(old) != _node_capacity(new):
+            self._topology_changed()
+
+    def _topology_changed(self) -> None:
+        """Zone CPU shares may have moved: recompute them, resync topology-aware Services."""
+        self._ratios_stale = True
+        for k in self.topology_services:
+            self.queue.add(k)
+
+    def zone_ratios(self) -> dict[str, float] | None:
+        if self._ratios_stale:
+            self._ratios = zone_cpu_ratios(self.nodes.items())
+            self._ratios_stale = False
+        return self._ratios
 
     def _slice_event(self, slc: Obj) -> None:
         labels = labels_of(slc)
@@ -179,7 +212,8 @@ class EndpointSliceController(Controller[Key]):
                     await self._delete(s)
             return
         pods = self.pods_for(svc)
-        groups = desired_groups(svc, pods, self.zone_of)
+        groups = desired_groups(svc, pods, self.zone_of,
+                                self.zone_ratios() if topology_mode_auto(svc) else None)
         trigger = self.tracker.compute(svc, pods)
         plan = plan_slices(svc, groups, existing, trigger, self.max_endpoints)
         for obj in plan.create:

@@ -373,3 +373,28 @@ async def test_foreground_and_orphan_propagation(tmp_path: Path) -> None:
                 await asyncio.sleep(0.3)
                 (kept,) = await slices_of(reg, "o-orphan")  # orphaned, not deleted
                 assert not kept["metadata"].get("ownerReferences")
+
+
+@async_test
+async def test_topology_mode_auto_balances_zone_hints(tmp_path: Path) -> None:
+    async with apiserver(tmp_path / "db") as reg, running(reg, controllers=("endpointslice",)):
+        for name, zone in (("n1", "zone-a"), ("n2", "zone-b")):
+            n = node(name, zone=zone)
+            n["status"]["allocatable"] = {"cpu": "2"}
+            await reg.create("nodes", n)
+        await reg.create("services", {"metadata": {"name": "topo", "annotations": {
+            "service.kubernetes.io/topology-mode": "Auto"}}, "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})
+        for i, n in enumerate(("n1", "n1", "n1", "n2")):
+            await reg.create("pods", pod(f"t{i}", node_name=n))
+            await set_ready(reg, "default", f"t{i}", f"10.244.{i}.9")
+
+        def zones(s: list[dict[str, Any]]) -> list[str]:
+            return sorted(z["name"] for e in endpoints(s).values() for z in (e.get("hints") or {}).get("forZones") or ())
+
+        await eventually(lambda: slices_of(reg, "topo"), lambda s: zones(s) == ["zone-a", "zone-a", "zone-b", "zone-b"])
+        # zone-b's node gets much more CPU: three of four endpoints now serve zone b
+        n2 = await reg.get("nodes", None, "n2")
+        assert n2 is not None
+        n2["status"]["allocatable"] = {"cpu": "6"}
+        await reg.update_status("nodes", n2)
+        await eventually(lambda: slices_of(reg, "topo"), lambda s: zones(s) == ["zone-a", "zone-b", "zone-b", "zone-b"])
