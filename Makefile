@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml Makefile
 	@$(BIN)/pip install -q --upgrade pip >/dev/null
 	@$(BIN)/pip install -q -e '.[dev,bench,iptables]'
 	@$(BIN)/python -m netns.cbuild  # kpx-holder (pod sandbox), kpx-echo (kpx/echo, kpx/http); rebuilt on use if stale
+	@$(BIN)/python -c 'from bench.data import connlat; connlat()'  # kpx-connlat, kpx bench's connect() timer
 	@touch $(STAMP)
 	@echo "setup: done ($(BIN)/kpx)"
 

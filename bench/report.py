@@ -217,6 +217,21 @@ def findings(doc: dict[str, Any]) -> list[str]:
         if ec:
             txt += "; one endpoint change (trigger → kernel) " + ", ".join(f"{_s(v)} at {n}" for n, v in ec)
         out.append(txt + ".")
+    if "userspace" in cells_of(recs):
+        parts = []
+        for n in sizes:
+            cu, cd = ix.get(("userspace", "conn_per_s", n)), ix.get(("direct (under userspace)", "conn_per_s", n))
+            tu = ix.get(("userspace", "throughput_bps", n))
+            td = ix.get(("direct (under userspace)", "throughput_bps", n))
+            if cu and cd and cd.get("value"):
+                txt = f"{cu['value']:.0f} vs {cd['value']:.0f} new connections/s"
+                if tu and td and tu.get("value") and td.get("value"):
+                    txt += f" and {_si(tu['value'], 'bit/s')} vs {_si(td['value'], 'bit/s')}"
+                parts.append(f"{txt} at {n}")
+        out.append("**userspace: the cost is in the relay, not the first packet.** A client's connect() returns when "
+                   "the proxy's own listener in the node accepts (the proxy dials the backend afterwards), so its "
+                   "first-packet figure is a local handshake; the relay shows in the rates: through the Service vs "
+                   "the pod directly, " + ("; ".join(parts) or "no rate measured") + ".")
     if "userspace" not in cells_of(recs):
         why = next((s["reason"] for s in doc.get("skipped", []) if s["mode"] == "userspace"), "not requested")
         out.append(f"**userspace: not measured** ({why}).")
