@@ -309,3 +309,20 @@ def test_host_gw_routes_follow_node_objects(cluster: Cluster) -> None:
     while any(cidr in routes(n.name) for n in lab.nodes):
         assert time.monotonic() < deadline, "route to a deleted Node's podCIDR was not removed"
         time.sleep(0.1)
+
+
+def test_graceful_deletion_waits_the_grace_period_then_kills(cluster: Cluster) -> None:
+    name = unique_name("gr")
+    ignore_term = "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(600)"
+    cluster.create_pod(name, node="node2", command=[sys.executable, "-c", ignore_term], terminationGracePeriodSeconds=2)
+    cluster.wait_pod(name, lambda p: container_status(p).get("started") is True, what="started")
+    pid = Sandbox.load(cluster.lab, "default", name).containers["main"]["pid"]
+    cluster.request("DELETE", f"/api/v1/namespaces/default/pods/{name}")
+    # Terminating: still there with a deletionTimestamp while the container ignores SIGTERM
+    pod = cluster.get_pod(name)
+    assert pod["metadata"].get("deletionTimestamp") and pod["metadata"]["deletionGracePeriodSeconds"] == 2
+    time.sleep(1.0)
+    assert not dead(pid), "killed before the grace period ended"
+    cluster.delete_pod(name, timeout=15)  # waits until the agent confirmed (SIGKILL after 2 s)
+    assert dead(pid)
+    assert not ns.netns_exists(cluster.pod_netns(name))
