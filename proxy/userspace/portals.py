@@ -27,11 +27,21 @@ kernel modes' REJECT.
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from proxy.model import SCTP, TCP, UDP, ProxyState, ServicePort, ServicePortName, categorize_endpoints
+from proxy.model import (
+    SCTP,
+    TCP,
+    UDP,
+    ProxyConfig,
+    ProxyState,
+    ServicePort,
+    ServicePortName,
+    categorize_endpoints,
+)
 
 PORTALS_CONTAINER = "KUBE-PORTALS-CONTAINER"
 PORTALS_HOST = "KUBE-PORTALS-HOST"
@@ -136,6 +146,16 @@ def _match(svc: ServicePort, dport: int, dest: str | None) -> str:
     return f'-m comment --comment "{svc.name}" -p {proto} -m {proto} --dport {dport}{d}'
 
 
+def _host_ip(cfg: ProxyConfig) -> str:
+    """Where KUBE-PORTALS-HOST DNATs to: the node IP (the first local address outside the pod
+    network, not the bridge's), as upstream's hostIP."""
+    pods = ipaddress.ip_network(cfg.cluster_cidr, strict=False) if cfg.cluster_cidr else None
+    for ip in cfg.node_ips:
+        if pods is None or ipaddress.ip_address(ip) not in pods:
+            return ip
+    return cfg.node_ips[0] if cfg.node_ips else "127.0.0.1"
+
+
 def render(
     state: ProxyState,
     prior: UserspacePrior | None,
@@ -145,7 +165,7 @@ def render(
 ) -> tuple[UserspacePayload, UserspacePrior, dict[str, int]]:
     """Desired state -> (listener table + restore text, new prior, stats). Pure."""
     cfg = state.config
-    host = host_ip or (cfg.node_ips[0] if cfg.node_ips else "127.0.0.1")
+    host = host_ip or _host_ip(cfg)
     svcs = {n: s for n, s in state.services.items() if s.protocol in (TCP, UDP) and s.cluster_ip}
     ports = allocate_ports(list(svcs), prior.ports if prior else {}, port_range)
     listeners: dict[ServicePortName, Listener] = {}

@@ -139,3 +139,14 @@ def test_round_robin_and_affinity() -> None:
     assert sticky.next("c2") == eps[0]
     sticky.update((), 10)
     assert sticky.next("c1") is None
+
+
+def test_host_portals_dnat_to_the_node_ip_not_the_bridge() -> None:
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, node_ips=("10.244.1.1", "192.168.56.11"))
+    st = ProxyState(config=cfg, services=dict(MIXED.services), endpoints=dict(MIXED.endpoints))
+    payload, _, _ = render(st, None)
+    host = [r for r in payload.tables["nat"] if r.startswith("-A KUBE-PORTALS-HOST ")]
+    assert host and all(r.endswith(("192.168.56.11:20000", "192.168.56.11:20001", "192.168.56.11:20002",
+                                    "192.168.56.11:20003")) for r in host)
