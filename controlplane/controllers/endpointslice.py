@@ -181,16 +181,19 @@ def endpoint_key(ep: Mapping[str, Any]) -> EndpointKey:
 
 def desired_groups(
     svc: Mapping[str, Any], pods: Iterable[Mapping[str, Any]], zone_of: Callable[[str], str | None],
-    zone_ratios: Mapping[str, float] | None = None,
+    zone_ratios: Mapping[str, float] | None = None, hint_verdicts: dict[str, str] | None = None,
 ) -> dict[GroupKey, Group]:
     """Endpoints of the Service's Pods grouped by (address type, resolved port set); Pods in
     name order so the result does not depend on cache order. With topology-mode Auto, zone
-    hints come from `zone_ratios` (the zones' CPU shares; None: hints off)."""
+    hints come from `zone_ratios` (the zones' CPU shares; None: unknown) and `hint_verdicts`
+    gets, per address type, "" (hints set) or why not."""
     groups = _desired_groups(svc, pods, zone_of)
     if topology_mode_auto(svc):
         for at in address_types(svc):
-            assign_zone_hints((e for (t, _), g in sorted(groups.items()) if t == at for e in g.endpoints.values()),
-                              zone_ratios)
+            why = assign_zone_hints(
+                (e for (t, _), g in sorted(groups.items()) if t == at for e in g.endpoints.values()), zone_ratios)
+            if hint_verdicts is not None:
+                hint_verdicts[at] = why
     return groups
 
 

@@ -25,9 +25,10 @@ from controlplane.controllers.endpointslice import (
     has_selector,
     plan_slices,
 )
+from controlplane.controllers.events import record
 from controlplane.controllers.informer import InformerFactory
 from controlplane.controllers.objects import Key, condition, key_of, labels_of, meta, selector_matches
-from controlplane.controllers.topology import topology_mode_auto, zone_cpu_ratios
+from controlplane.controllers.topology import HINTS_ENABLED, topology_mode_auto, zone_cpu_ratios
 
 POD_LABEL_INDEX = "ns-label"
 SVC_SELECTOR_INDEX = "ns-selector-anchor"
@@ -119,6 +120,7 @@ class EndpointSliceController(Controller[Key]):
         self.topology_services: set[Key] = set()  # annotated topology-mode: Auto
         self._ratios: dict[str, float] | None = None
         self._ratios_stale = True
+        self.hint_state: dict[tuple[Key, str], str] = {}  # (service, address type) -> "" or why no hints
 
     # --- handlers: only enqueue ---
     def _svc_event(self, svc: Obj) -> None:
@@ -212,8 +214,9 @@ class EndpointSliceController(Controller[Key]):
                     await self._delete(s)
             return
         pods = self.pods_for(svc)
+        verdicts: dict[str, str] = {}
         groups = desired_groups(svc, pods, self.zone_of,
-                                self.zone_ratios() if topology_mode_auto(svc) else None)
+                                self.zone_ratios() if topology_mode_auto(svc) else None, verdicts)
         trigger = self.tracker.compute(svc, pods)
         plan = plan_slices(svc, groups, existing, trigger, self.max_endpoints)
         for obj in plan.create:
@@ -228,6 +231,25 @@ class EndpointSliceController(Controller[Key]):
                 self.slices.write_through(updated, self.name)
         for obj in plan.delete:
             await self._delete(obj)
+        await self._hint_events(svc, key, verdicts)
+
+    async def _hint_events(self, svc: Obj, key: Key, verdicts: dict[str, str]) -> None:
+        """TopologyAwareHintsEnabled / Disabled Events on the Service when that state changes."""
+        for at, why in verdicts.items():
+            state = (key, at)
+            kind = why.split(" (")[0]  # "Insufficient number of endpoints (3 endpoints, 4 zones)": one state
+            if self.hint_state.get(state) == kind:
+                continue
+            self.hint_state[state] = kind
+            if why:
+                await record(self.registry, svc, "Service", "Warning", "TopologyAwareHintsDisabled",
+                             f"{why}, addressType: {at}", "endpoint-slice-controller")
+            else:
+                await record(self.registry, svc, "Service", "Normal", "TopologyAwareHintsEnabled",
+                             f"{HINTS_ENABLED}, addressType: {at}", "endpoint-slice-controller")
+        if not verdicts:
+            for state in [s for s in self.hint_state if s[0] == key]:
+                del self.hint_state[state]
 
     async def _delete(self, slc: Obj) -> None:
         m = meta(slc)

@@ -46,9 +46,19 @@ def cpu_millis(q: Any) -> int:
         return 0
 
 
+# Event messages, as upstream's topologycache words them.
+NO_ZONE_SPECIFIED = "One or more endpoints do not have a zone specified"
+HINTS_ENABLED = "Topology Aware Hints has been enabled"
+INSUFFICIENT_NODE_INFO = "Insufficient Node information: allocatable CPU or zone not specified on one or more nodes"
+ONE_ZONE_ONLY = "Nodes only ready in one zone"
+INSUFFICIENT_ENDPOINTS = "Insufficient number of endpoints"
+MIN_EXCEEDS_OVERLOAD = ("Unable to allocate minimum required endpoints to each zone without exceeding overload "
+                        "threshold")
+
+
 def zone_cpu_ratios(nodes: Iterable[Mapping[str, Any]]) -> dict[str, float] | None:
-    """Each zone's share of the Ready Nodes' allocatable CPU; None when not usable (a Node
-    without zone or CPU, or fewer than two zones)."""
+    """Each zone's share of the Ready Nodes' allocatable CPU; None when a Node lacks zone or
+    CPU (a single zone gives {zone: 1.0}, which `allocations` refuses)."""
     by_zone: dict[str, int] = {}
     for n in nodes:
         labels = labels_of(n)
@@ -61,7 +71,7 @@ def zone_cpu_ratios(nodes: Iterable[Mapping[str, Any]]) -> dict[str, float] | No
             return None
         by_zone[zone] = by_zone.get(zone, 0) + cpu
     total = sum(by_zone.values())
-    if total <= 0 or len(by_zone) < 2:
+    if total <= 0:
         return None
     return {z: c / total for z, c in by_zone.items()}
 
@@ -110,16 +120,33 @@ def _transfers(allocs: Mapping[str, Allocation], have: Mapping[str, int]) -> tup
     return give, take
 
 
-def assign_zone_hints(endpoints: Iterable[MutableMapping[str, Any]], ratios: Mapping[str, float] | None) -> bool:
+def why_no_hints(ratios: Mapping[str, float] | None, ready: int) -> str:
+    """Upstream's reason for leaving hints off ("" if allocations are possible)."""
+    if ratios is None:
+        return INSUFFICIENT_NODE_INFO
+    if len(ratios) < 2:
+        return ONE_ZONE_ONLY
+    if len(ratios) > ready:
+        return f"{INSUFFICIENT_ENDPOINTS} ({ready} endpoints, {len(ratios)} zones)"
+    if allocations(ratios, ready) is None:
+        return f"{MIN_EXCEEDS_OVERLOAD} ({ready} endpoints, {len(ratios)} zones)"
+    return ""
+
+
+def assign_zone_hints(endpoints: Iterable[MutableMapping[str, Any]], ratios: Mapping[str, float] | None) -> str:
     """Set `hints.forZones` on the ready endpoints of one address type (in the given order),
-    or remove all hints; returns whether hints were set."""
+    or remove all hints; returns "" when hints were set, else why not (an Event message)."""
     eps = list(endpoints)
     for e in eps:
         e.pop("hints", None)
     ready = [e for e in eps if (e.get("conditions") or {}).get("ready")]
-    allocs = allocations(ratios, len(ready)) if ratios else None
-    if allocs is None or any(not e.get("zone") for e in ready):
-        return False
+    why = why_no_hints(ratios, len(ready))
+    if why:
+        return why
+    allocs = allocations(ratios or {}, len(ready))
+    assert allocs is not None
+    if any(not e.get("zone") for e in ready):
+        return NO_ZONE_SPECIFIED
     have: dict[str, int] = {}
     for e in ready:
         have[e["zone"]] = have.get(e["zone"], 0) + 1
@@ -138,4 +165,4 @@ def assign_zone_hints(endpoints: Iterable[MutableMapping[str, Any]], ratios: Map
             take[to] -= 1
             if not take[to]:
                 del take[to]
-    return True
+    return ""

@@ -398,3 +398,9 @@ async def test_topology_mode_auto_balances_zone_hints(tmp_path: Path) -> None:
         n2["status"]["allocatable"] = {"cpu": "6"}
         await reg.update_status("nodes", n2)
         await eventually(lambda: slices_of(reg, "topo"), lambda s: zones(s) == ["zone-a", "zone-b", "zone-b", "zone-b"])
+        events, _ = await reg.list("events", namespace="default")
+        reasons = [(e["reason"], e["message"]) for e in events if e["involvedObject"]["name"] == "topo"]
+        assert ("TopologyAwareHintsEnabled", "Topology Aware Hints has been enabled, addressType: IPv4") in reasons
+        # before enough pods were ready: disabled, saying why (once per reason, whatever the counts)
+        disabled = [m.split(" (")[0] for r, m in reasons if r == "TopologyAwareHintsDisabled"]
+        assert disabled and disabled[0] == "Insufficient number of endpoints" and len(set(disabled)) == len(disabled)

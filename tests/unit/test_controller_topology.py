@@ -48,7 +48,7 @@ def test_zone_shares_from_ready_worker_nodes() -> None:
     assert zone_cpu_ratios(nodes) == {"a": 6 / 9, "b": 3 / 9}
     assert zone_cpu_ratios([*nodes, node("nozone", None)]) is None
     assert zone_cpu_ratios([*nodes, node("nocpu", "b", None)]) is None
-    assert zone_cpu_ratios([node("a1", "a"), node("a2", "a")]) is None  # one zone
+    assert zone_cpu_ratios([node("a1", "a"), node("a2", "a")]) == {"a": 1.0}  # one zone: allocations refuse it
 
 
 def test_allocations_and_overload_threshold() -> None:
@@ -62,17 +62,20 @@ def test_allocations_and_overload_threshold() -> None:
 
 def test_surplus_zone_lends_endpoints() -> None:
     eps = [ep("a") for _ in range(5)] + [ep("b"), ep("a", ready=False)]
-    assert assign_zone_hints(eps, {"a": 2 / 3, "b": 1 / 3})
+    assert assign_zone_hints(eps, {"a": 2 / 3, "b": 1 / 3}) == ""
     assert hinted(eps) == {"a": 4, "b": 2}  # one zone-a endpoint now serves zone b
     assert "hints" not in eps[-1]  # not ready: no hint
 
 
 def test_hints_off_when_they_cannot_be_fair() -> None:
-    eps = [ep("a"), ep(None), ep("b")]
-    assert not assign_zone_hints(eps, {"a": 0.5, "b": 0.5})
+    eps = [ep("a"), ep(None), ep("b"), ep("a")]
+    assert assign_zone_hints(eps, {"a": 0.5, "b": 0.5}) == "One or more endpoints do not have a zone specified"
     assert hinted(eps) == {}
     eps = [ep("a"), ep("b")]
-    assert not assign_zone_hints(eps, None)  # no usable node information
+    assert assign_zone_hints(eps, None).startswith("Insufficient Node information")
+    assert assign_zone_hints(eps, {"a": 1.0}) == "Nodes only ready in one zone"
+    assert assign_zone_hints([ep("a")], {"a": 0.5, "b": 0.5}) == "Insufficient number of endpoints (1 endpoints, 2 zones)"
+    assert assign_zone_hints([ep("a")] * 3, {"a": 0.9, "b": 0.05, "c": 0.05}).startswith("Unable to allocate minimum")
 
 
 def test_desired_groups_with_the_annotation() -> None:
