@@ -57,7 +57,13 @@ async def load_until_killed(
             n += 1
 
     tasks = [asyncio.create_task(client(c)) for c in range(CLIENTS)]
-    await asyncio.sleep(random.uniform(0.3, 1.0))
+    # kill after a random number of acknowledged writes (not a fixed time: on a busy machine the
+    # first writes can take a while), plus a random few ms so the kill lands at any point of a write
+    target = random.randint(1, 80)
+    deadline = asyncio.get_running_loop().time() + 30
+    while n < target and asyncio.get_running_loop().time() < deadline and not all(t.done() for t in tasks):
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(random.uniform(0, 0.03))
     api.kill(signal.SIGKILL)  # mid-load: requests are in flight on every client
     stop = True
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
