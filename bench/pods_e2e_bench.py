@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "pb" + secrets.token_hex(3)
     n = int.from_bytes(os.urandom(2), "big") % 512
     subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
-    up = subprocess.run([sys.executable, "-m", "kpx", "up", "--lab", name, "--nodes", str(a.nodes), "--subnet",
+    up = subprocess.run([sys.executable, "-m", "kpx", "up", "--lab", name, "--nodes", str(a.nodes), "--proxy-mode", "none", "--subnet",
                          subnet, "--apiserver-port", str(free_port())], capture_output=True, text=True)
     if up.returncode != 0:
         print(f"pods_bench: kpx up failed: {up.stderr.strip()}", file=sys.stderr)

@@ -26,12 +26,13 @@ def register(sub: Any) -> None:
     )
     up.add_argument("--lab", default=_default_lab(), help="lab name, 1-10 of [a-z0-9] (default: %(default)s)")
     up.add_argument("--nodes", type=int, default=2, help="number of nodes (default: %(default)s)")
-    up.add_argument("--proxy-mode", choices=PROXY_MODES, help="start one kpx proxy per node in this mode")
+    up.add_argument("--proxy-mode", choices=(*PROXY_MODES, "none"),
+                    help="mode of the kpx proxy started on every node (default: iptables, like kube-proxy; "
+                    "'none' starts no proxy)")
     up.add_argument("--storage", choices=("sqlite", "etcd"), default="sqlite",
                     help="apiserver storage: a SQLite file, or Debian's etcd on 127.0.0.1 (default: %(default)s)")
     up.add_argument("--demo", action="store_true",
-                    help="also deploy a sample app behind a ClusterIP and a NodePort Service and prove traffic "
-                    "(implies --proxy-mode iptables unless a mode is given)")
+                    help="also deploy a sample app behind a ClusterIP and a NodePort Service and prove traffic")
     # Advanced (tests run a lab next to a user's lab): hidden from --help.
     up.add_argument("--subnet", default="192.168.56.0/24", help=argparse.SUPPRESS)
     up.add_argument("--apiserver-port", type=int, default=6443, help=argparse.SUPPRESS)

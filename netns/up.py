@@ -329,9 +329,11 @@ def up(args: argparse.Namespace) -> int:
         hint = f"'kpx down{flag}' first, then 'make demo'" if args.demo else f"'kpx down{flag}' first"
         raise UserError(f"lab {args.lab} is already up (KUBECONFIG={kubeconfig_path(plan)}, see 'kpx status'): "
                         f"use it, or run {hint}")
-    if args.demo and not args.proxy_mode and proxy_available():
-        args.proxy_mode = "iptables"  # the demo proves Services too; kube-proxy's default mode
-    if args.proxy_mode and not proxy_available():
+    if args.proxy_mode is None:  # like a kubeadm cluster: kube-proxy in iptables mode on every node
+        args.proxy_mode = "iptables" if proxy_available() else None
+    elif args.proxy_mode == "none":
+        args.proxy_mode = None
+    elif not proxy_available():
         raise UserError(f"--proxy-mode {args.proxy_mode}: this build has no 'kpx proxy' yet; run without --proxy-mode")
     if not 1 <= args.apiserver_port <= 65535:
         raise UserError(f"--apiserver-port {args.apiserver_port}: must be 1-65535")
@@ -366,7 +368,7 @@ def up(args: argparse.Namespace) -> int:
 
 def _print_ready(lab: Lab, st: UpState, took: float, flag: str) -> None:
     nodes = ", ".join(f"{n.name} {n.ip}" for n in lab.nodes)
-    proxy = f", proxy {st.proxy_mode}" if st.proxy_mode else ", no proxy (--proxy-mode to add one)"
+    proxy = f", proxy {st.proxy_mode}" if st.proxy_mode else ", no proxy"
     print(f"kpx up: lab {lab.name} is ready in {took:.1f}s: {len(lab.nodes)} nodes ({nodes}), "
           f"apiserver https://127.0.0.1:{st.apiserver_port} (storage {st.storage}){proxy}")
     print(f"  export KUBECONFIG={kubeconfig_path(lab)}")

@@ -217,8 +217,7 @@ def make_cluster(nodes: int = 2, proxy_mode: str | None = None, prefix: str = "c
             port = free_port()
             args = ["up", "--lab", name, "--nodes", str(nodes), "--subnet", subnet, "--apiserver-port", str(port),
                     "--storage", storage]
-            if proxy_mode:
-                args += ["--proxy-mode", proxy_mode]
+            args += ["--proxy-mode", proxy_mode or "none"]
             p = kpx(*args, timeout=180)
             if p.returncode == 0:
                 lab = Lab.load(name)
