@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--lab", default="bench", help="lab name to build (default: %(default)s)")
     p.add_argument("--reuse", action="store_true", help="run on the existing lab --lab (built without --proxy-mode)")
     p.add_argument("--verbose", action="store_true", help="print each step on stderr when not on a terminal")
+    p.add_argument("--vm", action="store_true",
+                   help="also run ipvs (and iptables-legacy as its reference) inside the qemu VM (kpx vm), whose "
+                   "kernel has IPVS; those cells are marked as measured under emulation")
     p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)  # set by the VM harness run
     p.add_argument("--sync-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)

@@ -44,6 +44,7 @@ def parse_metrics(text: str) -> dict[str, float]:
 class Proxy:
     proc: subprocess.Popen[bytes]
     url: str
+    log: Any = None  # its log file
 
     def metrics(self) -> dict[str, float]:
         try:
@@ -89,9 +90,16 @@ def start_proxy(bl: BenchLab, c: Cell, sync_timeout: float) -> tuple[Proxy, floa
                     "--hostname-override", n.name, "--bind-address", n.ip, "--cluster-cidr", bl.lab.pod_cidr,
                     "--metrics-bind-address", f"{n.ip}:10249", "--healthz-bind-address", f"{n.ip}:10256")
     t0 = time.monotonic()
-    proc = bl.spawn(f"proxy/{n.name}-{c.key}", argv, n.netns)
-    px = Proxy(proc, f"http://{n.ip}:10249/metrics")
-    wait_count(px, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, sync_timeout, f"{c.key} full sync")
+    from netns.up import log_path
+
+    role = f"proxy/{n.name}-{c.key}"
+    proc = bl.spawn(role, argv, n.netns)
+    px = Proxy(proc, f"http://{n.ip}:10249/metrics", log_path(bl.lab, role))
+    try:
+        wait_count(px, "kubeproxy_sync_full_proxy_rules_duration_seconds_count", 1, sync_timeout, f"{c.key} full sync")
+    except BaseException:
+        bl.stop(proc)
+        raise
     return px, time.monotonic() - t0
 
 
@@ -101,12 +109,15 @@ def wait_count(px: Proxy, name: str, target: float, timeout: float, what: str) -
     deadline = time.monotonic() + timeout
     while True:
         if px.proc.poll() is not None:
-            raise UserError(f"kpx bench: the proxy exited while waiting for {what} (exit {px.proc.returncode})")
+            from netns.up import last_line
+
+            why = last_line(px.log) if px.log else ""
+            raise UserError(f"the proxy exited while waiting for {what} (exit {px.proc.returncode}): {why}")
         m = px.metrics()
         if m.get(name, 0) >= target:
             return m
         if time.monotonic() > deadline:
-            raise UserError(f"kpx bench: {what} did not happen in {timeout:.0f}s")
+            raise UserError(f"{what} did not happen in {timeout:.0f}s")
         time.sleep(0.05)
 
 

@@ -112,7 +112,7 @@ def unavailable_reason(c: Cell, in_vm: bool) -> str | None:
         try:
             cls.check_kernel()
         except ModeUnavailable:
-            return "this kernel has no IPVS: measured in the VM (kpx bench --vm), figures under emulation"
+            return "this kernel has no IPVS: add --vm to measure it in the qemu VM (figures under emulation)"
     else:
         try:
             cls.check_kernel()

@@ -274,9 +274,13 @@ def markdown(doc: dict[str, Any], images: list[str]) -> str:
               "kpx/echo backends on the other node, re-created after the fillers and sorting last); one `kpx proxy` "
               "on the client's node, started after `kpx proxy --cleanup` for each cell; latency from the client "
               "pod with kpx-connlat (C, connect() until SYN-ACK, RST close), throughput with iperf3.", ""]
+    if m.get("vm"):
+        v = m["vm"]
+        lines += [f"Cells named `vm:` ran inside the qemu VM (kernel {v.get('kernel')}, {v.get('cpus')} vCPU, TCG "
+                  "emulation): **measured under emulation**, compare them only with each other (as ratios).", ""]
     skipped = doc.get("skipped") or []
     if skipped:
-        lines += ["## Skipped", ""] + [f"- **{s['cell']}**: {s['reason']}" for s in skipped] + [""]
+        lines += ["## Skipped or failed", ""] + [f"- **{s['cell']}**: {s['reason']}" for s in skipped] + [""]
     lines += ["## Findings", ""]
     for f in findings(doc):
         lines += [f, ""]
