@@ -199,3 +199,19 @@ def test_demo_proves_pod_clusterip_and_nodeport_traffic() -> None:
     finally:
         kpx("down", "--lab", name)
     assert leftovers(name) == []
+
+
+def test_proxy_mode_without_a_proxy_in_the_build_is_refused_before_building(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from kpx.errors import UserError
+    from netns import up as up_mod
+
+    monkeypatch.setattr(up_mod, "proxy_available", lambda: False)
+    name = unique_name("np").replace("-", "")[:10]
+    args = argparse.Namespace(lab=name, nodes=2, proxy_mode="nftables", storage="sqlite", demo=False,
+                              subnet="198.18.0.0/24", apiserver_port=free_port(), timeout=30.0)
+    with pytest.raises(UserError) as e:
+        up_mod.up(args)
+    assert "no 'kpx proxy'" in str(e.value) and "\n" not in str(e.value)
+    assert leftovers(name) == []
