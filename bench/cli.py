@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="new connections per latency repeat (default: %(default)s; --quick at most 500)")
     p.add_argument("--quick", action="store_true", help="small counts (1 and 100 Services x 3 endpoints, 2 repeats), for CI")
     p.add_argument("--lab", default="bench", help="lab name to build (default: %(default)s)")
-    p.add_argument("--reuse", action="store_true", help="run on the existing lab --lab (built without --proxy-mode)")
+    p.add_argument("--reuse", action="store_true", help="run on the existing lab --lab (built with --proxy-mode none)")
     p.add_argument("--verbose", action="store_true", help="print each step on stderr when not on a terminal")
     p.add_argument("--vm", action="store_true",
                    help="also run ipvs (and iptables-legacy as its reference) inside the qemu VM (kpx vm), whose "

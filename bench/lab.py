@@ -102,14 +102,20 @@ class BenchLab:
             subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
             from netns.up import free_port
 
-            p = _kpx("up", "--lab", name, "--nodes", str(nodes), "--subnet", subnet,
-                     "--apiserver-port", str(free_port()), "--timeout", "180")
+            try:
+                p = _kpx("up", "--lab", name, "--nodes", str(nodes), "--subnet", subnet,
+                         "--apiserver-port", str(free_port()), "--timeout", "180",
+                         "--proxy-mode", "none")  # the bench starts its own proxy per cell
+            except subprocess.TimeoutExpired:
+                cls.remove(name)
+                raise UserError(f"'kpx up --lab {name}' did not finish in 300 s (machine too slow or loaded?); "
+                                f"the lab was removed") from None
             if p.returncode == 0:
                 return cls(Lab.load(name), state_root() / name / "kubeconfig", owned=True)
             last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"
             if "overlaps" not in last and "in use" not in last:
                 break
-        raise UserError(f"kpx bench: could not build lab {name}: {last}")
+        raise UserError(f"could not build lab {name}: {last}")
 
     @classmethod
     def attach(cls, name: str) -> BenchLab:
@@ -121,9 +127,9 @@ class BenchLab:
         st = UpState.load(lab)
         if st is None:
             raise UserError(f"--reuse: lab {name} was not built by 'kpx up' (no up.json)")
-        if st.proxy_mode:
+        if st.proxy_mode and st.proxy_mode != "none":
             raise UserError(f"--reuse: lab {name} runs 'kpx proxy --proxy-mode {st.proxy_mode}' on every node; the "
-                            f"bench starts its own proxies: 'kpx up --lab {name}' without --proxy-mode")
+                            f"bench starts its own proxies: 'kpx up --lab {name} --proxy-mode none'")
         return cls(lab, state_root() / name / "kubeconfig", owned=False)
 
     @staticmethod
@@ -214,7 +220,7 @@ class BenchLab:
                     self.backend_ips = [ready[f"backend-{k}"]["status"]["podIP"] for k in range(endpoints)]
                     return
                 if time.monotonic() > deadline:
-                    raise UserError(f"kpx bench: only {len(ready)} of {len(pods)} bench pods Ready after "
+                    raise UserError(f"only {len(ready)} of {len(pods)} bench pods Ready after "
                                     f"{timeout:.0f}s (see 'kpx status --lab {self.lab.name}')")
                 await asyncio.sleep(0.3)
 
@@ -287,7 +293,7 @@ class BenchLab:
                 if addrs == want:
                     return str(svc["spec"]["clusterIP"])
                 if time.monotonic() > deadline:
-                    raise UserError(f"kpx bench: the EndpointSlice of {name} did not list the backends in {timeout}s")
+                    raise UserError(f"the EndpointSlice of {name} did not list the backends in {timeout}s")
                 await asyncio.sleep(0.2)
 
         return str(self.run(go))
