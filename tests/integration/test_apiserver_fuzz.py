@@ -186,7 +186,7 @@ class Conn:
         for attempt in range(2):
             if self.c is None:
                 self.c = http.client.HTTPSConnection("127.0.0.1", self.srv.port, context=self.srv.ssl_context(),
-                                                     timeout=20)
+                                                     timeout=60)  # a loaded CI box, not a server limit
             headers = {"Authorization": f"Bearer {self.srv.token}"}
             if ctype:
                 headers["Content-Type"] = ctype
