@@ -245,6 +245,7 @@ class Handlers:
     def __init__(self, registry: Registry, *, field_validation: Any = None) -> None:
         self.reg = registry
         self.watches: set[asyncio.Task[Any]] = set()
+        self.open_watches: set[Any] = set()  # Watch objects; closing one ends its stream cleanly
 
     async def dispatch(self, request: web.Request, t: Target) -> web.StreamResponse:
         m = request.method
@@ -392,6 +393,7 @@ class Handlers:
         task = asyncio.current_task()
         if task is not None:
             self.watches.add(task)
+        self.open_watches.add(w)
         try:
             await resp.prepare(request)
             first_table = True
@@ -411,6 +413,7 @@ class Handlers:
             pass
         finally:
             w.close()
+            self.open_watches.discard(w)
             if task is not None:
                 self.watches.discard(task)
         return resp

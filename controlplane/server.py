@@ -242,6 +242,13 @@ class APIServer:
         self._stopping = True
         self.ready = False
         if self.handlers is not None:
+            # end every open watch stream cleanly (terminating chunk), as a watch timeout does
+            for w in list(self.handlers.open_watches):
+                w.close()
+            for _ in range(50):
+                if not self.handlers.watches:
+                    break
+                await asyncio.sleep(0.02)
             for t in list(self.handlers.watches):
                 t.cancel()
         if self.runner is not None:
