@@ -183,6 +183,27 @@ def _rate_table(recs: list[dict[str, Any]]) -> list[str]:
     return rows
 
 
+def summary_table(doc: dict[str, Any]) -> list[str]:
+    """One row per mode: first-packet p50 per size, its ratio to direct, full sync, endpoint change."""
+    recs = doc["records"]
+    ix = index(recs)
+    sizes = sizes_of(recs)
+    head = " | ".join(f"p50 µs @{n}" for n in sizes)
+    rows = [f"| mode | {head} | ÷ direct @{sizes[-1] if sizes else '-'} | "
+            + " | ".join(f"full sync @{n}" for n in sizes) + f" | endpoint change @{sizes[-1] if sizes else '-'} |",
+            "|---" * (3 + 2 * len(sizes)) + "|"]
+    for cell in cells_of(recs):
+        p = [ix.get((cell, "first_packet_rtt_s", n)) for n in sizes]
+        d = ix.get((f"direct (under {cell})", "first_packet_rtt_s", sizes[-1]))
+        last = p[-1]
+        ratio = f"{last['p50'] / d['p50']:.2f}×" if last and d and d.get("p50") else "–"
+        f = [ix.get((cell, "full_sync_s", n)) for n in sizes]
+        ec = ix.get((cell, "endpoint_change_s", sizes[-1]))
+        rows.append(f"| {cell} | " + " | ".join(_us(r["p50"]) if r else "–" for r in p) + f" | {ratio} | "
+                    + " | ".join(_s(r["value"]) if r else "–" for r in f) + f" | {_s(ec['value']) if ec else '–'} |")
+    return rows
+
+
 def findings(doc: dict[str, Any]) -> list[str]:
     recs = doc["records"]
     ix = index(recs)
@@ -281,6 +302,8 @@ def markdown(doc: dict[str, Any], images: list[str]) -> str:
     skipped = doc.get("skipped") or []
     if skipped:
         lines += ["## Skipped or failed", ""] + [f"- **{s['cell']}**: {s['reason']}" for s in skipped] + [""]
+    if sizes_of(recs):
+        lines += ["## Summary", "", *summary_table(doc), ""]
     lines += ["## Findings", ""]
     for f in findings(doc):
         lines += [f, ""]

@@ -52,7 +52,7 @@ def _write(tmp: Path, records: list[dict[str, Any]]) -> str:
 
 def test_report_has_every_section_plot_and_skip_reason(tmp_path: Path) -> None:
     md = _write(tmp_path, _records())
-    for section in ("## Machine and settings", "## Skipped", "## Findings", "## First-packet connection latency",
+    for section in ("## Machine and settings", "## Summary", "## Skipped or failed", "## Findings", "## First-packet connection latency",
                     "## Control plane", "## Connections per second and throughput", "## Published anchors"):
         assert section in md
     for png in report.PLOTS:
@@ -74,6 +74,8 @@ def test_findings_follow_the_numbers(tmp_path: Path) -> None:
     # the anchors table shows kpx's own p50 beside KEP-3866's
     assert "| iptables | 5000 | 0.016 | 0.047 | 0.118 | 0.154 | 0.145 |" in md
     assert "p50 20 µs" in md  # the client's own floor
+    # the summary: p50 per size, ratio to direct, full sync per size, endpoint change at the largest
+    assert "| iptables-legacy | 45 | 65 | 145 | 4.15× | 10 ms | 110 ms | 510 ms | 220 ms |" in md
 
 
 def test_the_same_records_reversed_give_the_opposite_finding(tmp_path: Path) -> None:
