@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    help="also run ipvs (and iptables-legacy as its reference) inside the qemu VM (kpx vm), whose "
                    "kernel has IPVS; those cells are marked as measured under emulation")
     p.add_argument("--in-vm", action="store_true", help=argparse.SUPPRESS)  # set by the VM harness run
+    p.add_argument("--secs", type=float, default=2.0, help="seconds per conn/s and throughput repeat (default: 2)")
+    p.add_argument("--full-sync-budget", type=float, default=60.0,
+                   help="seconds of repeated full syncs per cell after the first (default: %(default)s)")
     p.add_argument("--sync-timeout", type=float, default=600.0, help=argparse.SUPPRESS)
     p.set_defaults(func=_run)
 

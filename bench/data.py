@@ -30,9 +30,14 @@ def _run(netns: str, argv: list[str], timeout: float) -> str:
     return p.stdout
 
 
-def latencies(netns: str, ip: str, port: int, n: int) -> list[float]:
-    out = _run(netns, [connlat(), "lat", ip, str(port), str(n)], timeout=60 + n * 0.01)
-    return [int(x) / 1e9 for x in out.split()]
+def latencies(netns: str, ip: str, port: int, n: int) -> tuple[list[float], int]:
+    """(connect times of the connections that succeeded, how many failed within 2 s)."""
+    p = subprocess.run(netns_argv(netns, [connlat(), "lat", ip, str(port), str(n)]), capture_output=True,
+                       text=True, timeout=120 + n * 0.05)
+    if p.returncode != 0:
+        raise RuntimeError(f"kpx-connlat failed: {p.stderr.strip()[-300:]}")
+    fails = sum(int(ln.split()[1]) for ln in p.stderr.splitlines() if ln.startswith("failures "))
+    return [int(x) / 1e9 for x in p.stdout.split()], fails
 
 
 def tool_floor(netns: str, n: int) -> list[float]:

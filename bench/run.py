@@ -65,8 +65,8 @@ def settings(a: Any) -> Settings:
     return Settings(
         cells=parse_modes(a.modes), sizes=parse_sizes(sizes_text, endpoints), endpoints=endpoints,
         repeats=min(a.repeats, 2) if a.quick else a.repeats, samples=a.samples if not a.quick else min(a.samples, 300),
-        secs=0.5 if a.quick else 2.0, out=Path(a.out), lab=a.lab, reuse=a.reuse, in_vm=a.in_vm, quick=a.quick,
-        full_sync_budget=0.0 if a.quick else 60.0, sync_timeout=a.sync_timeout,
+        secs=0.5 if a.quick else a.secs, out=Path(a.out), lab=a.lab, reuse=a.reuse, in_vm=a.in_vm, quick=a.quick,
+        full_sync_budget=0.0 if a.quick else a.full_sync_budget, sync_timeout=a.sync_timeout,
     )
 
 
@@ -222,13 +222,16 @@ def measure_cell(s: Settings, bl: BenchLab, c: Cell, n: int, res: Results, prog:
         for target, port, mode in ((bl.target_ip, 80, None), (direct_ip, ECHO_PORT, "direct")):
             lat: list[float] = []
             p50s: list[float] = []
+            fails = 0
             for _ in range(s.repeats):
-                xs = data.latencies(ns, target, port, s.samples)
+                xs, f = data.latencies(ns, target, port, s.samples)
                 lat += xs
-                p50s.append(summary(xs)["p50"])
+                fails += f
+                if xs:
+                    p50s.append(summary(xs)["p50"])
             rs = repeats_summary(p50s)
             res.add(c, n, e, "first_packet_rtt_s", summary(lat), mode=mode, repeats=s.repeats,
-                    repeat_p50_min=rs["min"], repeat_p50_max=rs["max"])
+                    repeat_p50_min=rs.get("min"), repeat_p50_max=rs.get("max"), failed_connects=fails)
             res.add(c, n, e, "conn_per_s",
                     repeats_summary([data.conn_rate(ns, target, port, s.secs) for _ in range(s.repeats)]),
                     mode=mode, procs=2)
