@@ -421,6 +421,7 @@ class Registry:
                 if av != res.api_version
                 else f"the kind in the data ({kind}) does not match the expected kind ({res.kind})"
             )
+        _drop_nulls(obj)  # JSON null decodes to the zero value: the field is absent
         meta = obj.get("metadata")
         if meta is None:
             obj["metadata"] = meta = {}
@@ -937,3 +938,14 @@ def _same_ignoring_managed(cur: dict[str, Any], new: dict[str, Any]) -> bool:
     b = dict(new)
     b["metadata"] = {k: v for k, v in new["metadata"].items() if k not in ("resourceVersion", "managedFields")}
     return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+
+
+def _drop_nulls(d: dict[str, Any], depth: int = 0) -> None:
+    """Remove null-valued keys from nested objects (lists are left as they are)."""
+    if depth > 64:
+        return
+    for k in [k for k, v in d.items() if v is None]:
+        del d[k]
+    for v in d.values():
+        if isinstance(v, dict):
+            _drop_nulls(v, depth + 1)

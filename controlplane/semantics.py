@@ -123,8 +123,10 @@ class Semantics:
         pass
 
     def prepare_update(self, res: Resource, old: dict[str, Any], new: dict[str, Any]) -> None:
+        check_types(res, new)  # before anything reads the object's shape
         if res.kind == "Service" and not res.group:
-            alloc.prepare_service_update(old, new)
+            with _guard(res, "allocation"):
+                alloc.prepare_service_update(old, new)
 
     def default(self, res: Resource, obj: dict[str, Any], *, create: bool = True) -> None:
         check_types(res, obj)
