@@ -175,13 +175,20 @@ class Semantics:
         if p is None or not hasattr(p, "update_managed_fields"):
             return
         try:
-            p.update_managed_fields(old, new, manager or "unknown", operation, res.api_version, subresource)
+            with _guard(res, "managedFields bookkeeping"):
+                p.update_managed_fields(old, new, manager or "unknown", operation, res.api_version, subresource)
         except ImportError:  # controlplane.ssa not there yet: no managedFields bookkeeping
             return
 
     # ---- patches
 
     def apply_patch(
+        self, res: Resource, current: dict[str, Any], patch_type: str, body: Any, opts: Any, subresource: str
+    ) -> dict[str, Any]:
+        with _guard(res, "patch"):
+            return self._apply_patch(res, current, patch_type, body, opts, subresource)
+
+    def _apply_patch(
         self, res: Resource, current: dict[str, Any], patch_type: str, body: Any, opts: Any, subresource: str
     ) -> dict[str, Any]:
         p = _mod("patch") or _FallbackPatch
