@@ -68,13 +68,17 @@ class PipePool:
 class _Half:
     """One direction, src -> dst."""
 
-    __slots__ = ("src", "dst", "fsrc", "fdst", "pending", "eof", "pipe", "buf", "view", "off")
+    __slots__ = ("src", "dst", "fsrc", "fdst", "pending", "eof", "shut", "blocked", "full", "pipe", "buf", "view",
+                 "off")
 
     def __init__(self, src: socket.socket, dst: socket.socket) -> None:
         self.src, self.dst = src, dst
         self.fsrc, self.fdst = src.fileno(), dst.fileno()
         self.pending = 0
-        self.eof = False
+        self.eof = False  # src said EOF (or can say nothing more)
+        self.shut = False  # EOF passed on: dst shut down for writing
+        self.blocked = False  # dst is full: wait for its EPOLLOUT before writing again
+        self.full = False  # the pipe took no more: wait for a drain before reading again
         self.pipe: tuple[int, int] | None = None
         self.buf: bytearray | None = None
         self.view: memoryview | None = None
@@ -84,7 +88,7 @@ class _Half:
 class Relay:
     """Base: flow control and lifecycle; subclasses move the bytes (_fill/_drain)."""
 
-    __slots__ = ("reactor", "a", "b", "ab", "ba", "masks", "closed", "on_close", "bytes")
+    __slots__ = ("reactor", "a", "b", "ab", "ba", "masks", "closed", "on_close", "bytes", "dead")
 
     def __init__(self, reactor: Reactor, a: socket.socket, b: socket.socket, on_close: object = None) -> None:
         self.reactor = reactor
@@ -94,6 +98,7 @@ class Relay:
         self.closed = False
         self.on_close = on_close
         self.bytes = 0
+        self.dead: set[int] = set()  # fds taken out of epoll (hung up, nothing left to do on them)
         fa, fb = a.fileno(), b.fileno()
         self.masks = {fa: IN, fb: IN}
         reactor.register(fa, IN, self._on_a)
@@ -109,6 +114,9 @@ class Relay:
     def _release(self, h: _Half) -> None:
         pass
 
+    def _room(self, h: _Half) -> bool:  # may the half read more now?
+        return not h.pending
+
     # events -----------------------------------------------------------------------------
     def _on_a(self, ev: int) -> None:
         self._event(ev, self.ab, self.ba)
@@ -119,54 +127,81 @@ class Relay:
     def _event(self, ev: int, out: _Half, inc: _Half) -> None:
         """`out` reads from this socket, `inc` writes to it."""
         try:
-            if ev & OUT and inc.pending and self._drain(inc):
-                self._release(inc)
+            if ev & OUT and inc.pending:
+                inc.blocked = False
+                if self._drain(inc):
+                    self._release(inc)
+                    self._finish(inc)
+                else:
+                    inc.blocked = True
                 if not inc.eof:
                     self._pump(inc)
-            if ev & (IN | HUP | ERR) and not out.pending and not out.eof:
+            if ev & (IN | HUP | ERR) and not out.eof:
                 self._pump(out)
         except OSError:
             self.close()
             return
         if self.closed:
             return
-        if self.ab.eof and self.ba.eof and not self.ab.pending and not self.ba.pending:
+        if ev & ERR:
             self.close()
             return
-        if ev & ERR or (ev & HUP and not ev & IN):
+        if ev & HUP and not ev & IN:  # this socket is done both ways
+            if inc.pending:
+                self.close()  # what waits for it cannot be delivered
+                return
+            out.eof = True
+            self._finish(out)
+            self.dead.add(out.fsrc)
+            self.reactor.unregister(out.fsrc)  # HUP is level-triggered: stop hearing it
+        ab, ba = self.ab, self.ba
+        if ab.eof and ba.eof and not ab.pending and not ba.pending:
             self.close()
             return
         self._update()
 
+    def _finish(self, h: _Half) -> None:
+        """Pass EOF on once everything before it was written."""
+        if h.eof and not h.pending and not h.shut:
+            h.shut = True
+            try:
+                h.dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
     def _pump(self, h: _Half) -> None:
         for _ in range(BUDGET):
+            if not self._room(h):
+                return
             try:
                 n = self._fill(h)
             except BlockingIOError:
+                if h.pending:  # the pipe is full, or the socket is empty while dst is blocked
+                    h.full = True
                 return
             if n == 0:
                 h.eof = True
                 self._release(h)
-                try:
-                    h.dst.shutdown(socket.SHUT_WR)
-                except OSError:
-                    pass
+                self._finish(h)
                 return
-            h.pending = n
+            h.pending += n
             self.bytes += n
-            if not self._drain(h):
-                return
-            self._release(h)
+            if not h.blocked:
+                if self._drain(h):
+                    self._release(h)
+                else:
+                    h.blocked = True
 
     def _update(self) -> None:
         ab, ba = self.ab, self.ba
-        ma = (IN if not ab.eof and not ab.pending else 0) | (OUT if ba.pending else 0)
-        mb = (IN if not ba.eof and not ba.pending else 0) | (OUT if ab.pending else 0)
-        masks = self.masks
-        if masks[ab.fsrc] != ma:
+        room = self._room
+        ma = (IN if not ab.eof and room(ab) else 0) | (OUT if ba.pending else 0)
+        mb = (IN if not ba.eof and room(ba) else 0) | (OUT if ab.pending else 0)
+        masks, dead = self.masks, self.dead
+        if masks[ab.fsrc] != ma and ab.fsrc not in dead:
             masks[ab.fsrc] = ma
             self.reactor.modify(ab.fsrc, ma)
-        if masks[ba.fsrc] != mb:
+        if masks[ba.fsrc] != mb and ba.fsrc not in dead:
             masks[ba.fsrc] = mb
             self.reactor.modify(ba.fsrc, mb)
 
@@ -208,7 +243,12 @@ class SpliceRelay(Relay):
                 h.pending -= os.splice(p[0], h.fdst, h.pending, flags=SPLICE_FLAGS)
             except BlockingIOError:
                 return False
+            h.full = False
         return True
+
+    def _room(self, h: _Half) -> bool:
+        """Keep reading into the pipe while the destination is slow, up to the pipe's size."""
+        return not h.full and h.pending < self.pool.size
 
     def _release(self, h: _Half) -> None:
         if h.pipe is not None and not h.pending:

@@ -198,6 +198,11 @@ def world(lab: Lab) -> Iterator[World]:
         for n in lab.nodes:
             subprocess.run(["ip", "netns", "exec", n.netns, "ip", "route", "replace", SERVICE_CIDR, "dev", "eth0"],
                            check=True)
+        # the first packets across a fresh lab can be lost: wait until every client reaches
+        # every backend directly, so the scenarios measure the proxy and not the warm-up
+        for cl in ("client1", "client2"):
+            for be, port in (("a", 8080), ("b", 8080), ("c", 8080), ("bulk", 9000)):
+                _wait_reachable(pods[cl].prefix, pods[be].ip, port)
         w = World(lab, pods, [], [None, None], [])
         w.modes = [w.new_mode(0), w.new_mode(1)]
         yield w
@@ -213,6 +218,18 @@ def world(lab: Lab) -> Iterator[World]:
                 lab.delete_pod("default", p.name)
             except Exception:
                 pass
+
+
+def _wait_reachable(prefix: list[str], ip: str, port: int, timeout: float = 60.0) -> None:
+    script = ("import socket,sys,time\n"
+              "end=time.monotonic()+float(sys.argv[3])\n"
+              "while True:\n"
+              "    try:\n"
+              "        socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=1).close(); break\n"
+              "    except OSError:\n"
+              "        if time.monotonic()>end: raise\n"
+              "        time.sleep(0.1)\n")
+    run_in(prefix, script, ip, port, timeout, timeout=timeout + 30)
 
 
 def spn(name: str, proto: str = "TCP") -> ServicePortName:

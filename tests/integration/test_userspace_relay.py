@@ -18,6 +18,7 @@ from proxy.userspace.tcp import DataPath, TcpListener
 
 pytestmark = pytest.mark.netns
 MIB = 1 << 20
+DOWN = 96  # MiB the backend sends
 BLOCK = hashlib.sha512(b"relay").digest() * (MIB // 64)
 
 
@@ -56,7 +57,7 @@ def proxy(request: pytest.FixtureRequest) -> Iterator[tuple[DataPath, int, Backe
     r = Reactor()
     r.start()
     dp = DataPath(r, request.param)
-    backend = Backend(down=64)
+    backend = Backend(down=DOWN)
     ln = r.run_sync(lambda: TcpListener(dp, 0, RoundRobin((backend.addr,)), "127.0.0.1"))
     try:
         yield dp, ln.port, backend
@@ -85,9 +86,9 @@ def test_large_transfer_both_ways_intact(proxy: tuple[DataPath, int, Backend]) -
         n += len(d)
     c.close()
     exp = hashlib.sha256()
-    for chunk in stream(64):
+    for chunk in stream(DOWN):
         exp.update(chunk)
-    assert n == 64 * MIB and got.hexdigest() == exp.hexdigest()
+    assert n == DOWN * MIB and got.hexdigest() == exp.hexdigest()
     backend.t.join(10)
     assert backend.got.hexdigest() == sent.hexdigest()
     deadline = time.monotonic() + 5
@@ -101,7 +102,7 @@ def test_slow_reader_stalls_the_sender(proxy: tuple[DataPath, int, Backend]) -> 
     c = socket.create_connection(("127.0.0.1", port), timeout=30)
     c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
     c.sendall(b"\nEND\n")
-    # the client reads nothing: the backend's sends must stall well short of 64 MiB
+    # the client reads nothing: the backend's sends must stall well short of DOWN MiB
     last, stable_since = -1, time.monotonic()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
@@ -110,9 +111,9 @@ def test_slow_reader_stalls_the_sender(proxy: tuple[DataPath, int, Backend]) -> 
         elif time.monotonic() - stable_since > 0.5:
             break
         time.sleep(0.05)
-    assert backend.sent < 24 * MIB, backend.sent  # socket buffers + one pipe/buffer, not 64 MiB
+    assert backend.sent < 40 * MIB, backend.sent  # socket buffers + one pipe/buffer, not all of it
     assert dp.pipes.open <= 2
     n = 0
     while d := c.recv(MIB):  # reading again drains everything, intact
         n += len(d)
-    assert n == 64 * MIB
+    assert n == DOWN * MIB
