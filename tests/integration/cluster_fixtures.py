@@ -38,13 +38,17 @@ from netns.lab import Lab, state_root
 
 _names = itertools.count(1)
 
+# Slows every deadline down under emulation (the qemu/TCG vm tier sets 10): one knob, default 1.
+TIME_SCALE = float(os.environ.get("KPX_TEST_TIME_SCALE") or 1)
+
 
 def unique_name(prefix: str = "p") -> str:
     return f"{prefix}-{os.getpid() % 10000}-{next(_names)}"
 
 
 def kpx(*args: str, timeout: float = 120, check: bool = False) -> subprocess.CompletedProcess[str]:
-    p = subprocess.run([sys.executable, "-m", "kpx", *args], capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "kpx", *args], capture_output=True, text=True,
+                       timeout=timeout * TIME_SCALE)
     if check and p.returncode != 0:
         raise AssertionError(f"kpx {' '.join(args)} failed ({p.returncode}): {p.stderr.strip()}")
     return p
@@ -133,6 +137,7 @@ class Cluster:
 
     def wait_pod(self, name: str, pred: Any, namespace: str = "default", timeout: float = 30.0,
                  what: str = "condition") -> dict[str, Any]:
+        timeout *= TIME_SCALE
         deadline = time.monotonic() + timeout
         pod: dict[str, Any] = {}
         while time.monotonic() < deadline:
@@ -150,6 +155,7 @@ class Cluster:
         from kpx.kubeclient import ApiError
 
         params = {} if grace is None else {"gracePeriodSeconds": grace}
+        timeout *= TIME_SCALE
         try:
             self.request("DELETE", f"/api/v1/namespaces/{namespace}/pods/{name}", **params)
         except ApiError as e:
@@ -216,7 +222,7 @@ def make_cluster(nodes: int = 2, proxy_mode: str | None = None, prefix: str = "c
             subnet = f"198.{18 + n // 256}.{n % 256}.0/24"
             port = free_port()
             args = ["up", "--lab", name, "--nodes", str(nodes), "--subnet", subnet, "--apiserver-port", str(port),
-                    "--storage", storage]
+                    "--storage", storage, "--timeout", str(90 * TIME_SCALE)]
             args += ["--proxy-mode", proxy_mode or "none"]
             p = kpx(*args, timeout=180)
             if p.returncode == 0:

@@ -9,6 +9,7 @@ and restart, nat flush, --cleanup) and run in file order after the traffic scena
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cluster_fixtures import Cluster, make_cluster, unique_name
+from tests.integration.cluster_fixtures import TIME_SCALE, Cluster, make_cluster, unique_name
 from tests.integration.test_iptables_packets import answer, probe_many
 
 pytestmark = pytest.mark.netns
@@ -54,7 +55,13 @@ class E2E:
 
 @pytest.fixture(scope="module", params=MODES)
 def e2e(request: pytest.FixtureRequest) -> Iterator[E2E]:
-    mode = request.param
+    with e2e_cluster(request.param) as e:
+        yield e
+
+
+@contextlib.contextmanager
+def e2e_cluster(mode: str) -> Iterator[E2E]:
+    """The scenarios' cluster for one mode (the vm tier builds its ipvs one with this too)."""
     with make_cluster(nodes=2, proxy_mode=mode, prefix="e2e") as c:
         # real nodes have a default route, so traffic the proxy does not DNAT reaches FORWARD (where
         # REJECT/DROP live) instead of failing route lookup; the lab's nodes have none
@@ -84,6 +91,7 @@ def service(e: E2E, name: str, selector: dict[str, str], proto: str = "TCP", por
 def wait_answers(prefix: list[str], proto: str, ip: str, port: int, want: set[str] | None = None,
                  timeout: float = 20.0) -> dict[str, str]:
     """Retry one request until it is answered (by one of `want`, if given): the rules are synced."""
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     last = ""
     while time.monotonic() < deadline:
@@ -97,6 +105,7 @@ def wait_answers(prefix: list[str], proto: str, ip: str, port: int, want: set[st
 
 
 def wait_for(pred: Any, timeout: float = 20.0, what: str = "condition") -> None:
+    timeout *= TIME_SCALE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if pred():
@@ -186,7 +195,7 @@ def test_service_without_endpoints_refuses_at_once(e2e: E2E) -> None:
     t0 = time.monotonic()
     assert probe_many(client, "tcp", cip, 80, timeout=5) == ["ERR ECONNREFUSED"]
     assert probe_many(e2e.ext(), "tcp", e2e.node(1).ip, np_, timeout=5) == ["ERR ECONNREFUSED"]
-    assert time.monotonic() - t0 < 4  # refused, not timed out
+    assert time.monotonic() - t0 < 4 * TIME_SCALE  # refused, not timed out
 
 
 def test_removed_endpoint_gets_no_new_connections(e2e: E2E) -> None:
@@ -332,14 +341,14 @@ def test_proxy_sigkill_and_restart_resets_no_connection(e2e: E2E) -> None:
     cip = s["spec"]["clusterIP"]
     client = e2e.pod_prefix(e2e.clients["node1"])
     wait_answers(client, "tcp", cip, 80)
-    long = subprocess.Popen(client + [sys.executable, "-I", "-c", LONG_CLIENT, cip, "80", "12"],
+    long = subprocess.Popen(client + [sys.executable, "-I", "-c", LONG_CLIENT, cip, "80", str(12 * TIME_SCALE)],
                             stdout=subprocess.PIPE, text=True)
     try:
         assert long.stdout is not None and long.stdout.readline().strip() == "connected"
         _restart_proxy(e2e, 0, "--iptables-sync-period", "2s")
         # new connections work through the restarted proxy's rules
         wait_answers(client, "tcp", cip, 80)
-        out, _ = long.communicate(timeout=40)
+        out, _ = long.communicate(timeout=40 * TIME_SCALE)
     finally:
         if long.poll() is None:
             long.kill()
