@@ -185,7 +185,7 @@ class BenchLab:
 
         return asyncio.run(go())
 
-    def prepare(self, endpoints: int, timeout: float = 120) -> None:
+    def prepare(self, endpoints: int, timeout: float = 240) -> None:
         """Namespace, client pod on the first node, `endpoints` kpx/echo backends on the last."""
         from kpx.kubeclient import ApiError
 
