@@ -178,8 +178,10 @@ def _rate_table(recs: list[dict[str, Any]]) -> list[str]:
         if r["metric"] != "conn_per_s":
             continue
         t = ix.get((label(r), "throughput_bps", r["services"]))
-        tp = f"{_si(t['value'], 'bit/s')} ({_si(t['min'], '')}–{_si(t['max'], '')})" if t else "–"
-        rows.append(f"| {label(r)} | {r['services']} | {r['value']:.0f} ({r['min']:.0f}–{r['max']:.0f}) | {tp} |")
+        tp = (f"{_si(t['value'], 'bit/s')} ({_si(t['min'], '')}–{_si(t['max'], '')})" if t and t.get("n")
+              else f"failed: {t.get('error', '')}" if t else "–")
+        cr = f"{r['value']:.0f} ({r['min']:.0f}–{r['max']:.0f})" if r.get("n") else "–"
+        rows.append(f"| {label(r)} | {r['services']} | {cr} | {tp} |")
     return rows
 
 
@@ -299,6 +301,8 @@ def markdown(doc: dict[str, Any], images: list[str]) -> str:
         v = m["vm"]
         lines += [f"Cells named `vm:` ran inside the qemu VM (kernel {v.get('kernel')}, {v.get('cpus')} vCPU, TCG "
                   "emulation): **measured under emulation**, compare them only with each other (as ratios).", ""]
+    for note in m.get("notes") or []:
+        lines += [f"- note: {note}"]
     skipped = doc.get("skipped") or []
     if skipped:
         lines += ["## Skipped or failed", ""] + [f"- **{s['cell']}**: {s['reason']}" for s in skipped] + [""]
