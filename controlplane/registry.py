@@ -932,12 +932,21 @@ class _Snap:
 
 
 def _same_ignoring_managed(cur: dict[str, Any], new: dict[str, Any]) -> bool:
-    """A no-op write (kube-apiserver skips it: same RV, no event). managedFields and RV do not count."""
-    a = dict(cur)
-    a["metadata"] = {k: v for k, v in cur["metadata"].items() if k not in ("resourceVersion", "managedFields")}
-    b = dict(new)
-    b["metadata"] = {k: v for k, v in new["metadata"].items() if k not in ("resourceVersion", "managedFields")}
+    """A no-op write (kube-apiserver skips it: same RV, no event). The RV and managedFields' timestamps
+    do not count; a change of ownership does (kubectl's client-side -> server-side apply migration
+    is a managedFields-only patch)."""
+
+    def comparable(obj: dict[str, Any], fields: Any) -> dict[str, Any]:
+        meta = {k: v for k, v in obj["metadata"].items() if k not in ("resourceVersion", "managedFields")}
+        meta["managedFields"] = [{k: v for k, v in e.items() if k != "time"} if isinstance(e, dict) else e
+                                 for e in fields or []]
+        return {**obj, "metadata": meta}
+
+    kept = cur["metadata"].get("managedFields")
+    sent = new["metadata"].get("managedFields", kept)  # a write without managedFields keeps them
+    a, b = comparable(cur, kept), comparable(new, sent)
     return orjson.dumps(a, option=orjson.OPT_SORT_KEYS) == orjson.dumps(b, option=orjson.OPT_SORT_KEYS)
+
 
 
 def _drop_nulls(d: dict[str, Any], depth: int = 0) -> None:

@@ -118,3 +118,14 @@ def test_node_port_conflict_cluster_ip_immutable_and_release(kubectl: Kubectl) -
     assert "nodePort" not in np1["spec"]["ports"][0] and np1["spec"]["clusterIP"] == ip
     kubectl.apply(svc("np2", [{"port": 80, "nodePort": base}], type="NodePort"))
     assert kubectl.get("svc/np2")["spec"]["ports"][0]["nodePort"] == base
+
+
+def test_client_side_then_server_side_apply_migrates_ownership(kubectl: Kubectl) -> None:
+    """kubectl >= 1.26 moves a client-side-applied object's fields to its server-side manager with a
+    managedFields-only JSON patch; later server-side applies by that manager must not conflict."""
+    kubectl.apply(svc("mig", [{"name": "http", "port": 80, "targetPort": 8080}]))
+    kubectl.apply(svc("mig", [{"name": "http", "port": 80, "targetPort": 8080}]), "--server-side")
+    managers = {e["manager"] for e in kubectl.get("svc/mig")["metadata"]["managedFields"]}
+    assert "kubectl-client-side-apply" not in managers, managers
+    kubectl.apply(svc("mig", [{"name": "http", "port": 80, "targetPort": 9090}]), "--server-side")
+    assert kubectl.get("svc/mig")["spec"]["ports"][0]["targetPort"] == 9090
