@@ -46,10 +46,11 @@ test-netns: setup  # root-only tests and tests needing services (etcd) live in t
 	$(BIN)/pytest tests/integration $(PYTEST_ARGS)
 
 # The VM gets 1536M (kpx vm's default is 768M) as headroom for the ipvs e2e cluster (apiserver, agents,
-# proxies, pods); Python under TCG is 20-30x slower than native, so the tests' deadlines are scaled.
+# proxies, pods); Python under TCG is 20-30x slower than native, so the tests' deadlines are scaled, and
+# so are pytest-timeout's per-test cap (kpx up alone took 240 s in the VM on a loaded host) and the VM's.
 test-vm: setup  # boots Debian's kernel in qemu ONCE and runs the whole vm tier inside it
 	@[ "$$(id -u)" = 0 ] || { echo "test-vm: run as root (sudo make test)"; exit 1; }
-	KPX_VM_MEM=$${KPX_VM_MEM:-1536M} $(BIN)/python -m kpx.vm -- env KPX_TEST_TIME_SCALE=10 PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/pytest -p no:cacheprovider -m vm tests/vm $(PYTEST_ARGS)
+	KPX_VM_MEM=$${KPX_VM_MEM:-1536M} KPX_VM_TIMEOUT=$${KPX_VM_TIMEOUT:-3600} $(BIN)/python -m kpx.vm -- env KPX_TEST_TIME_SCALE=10 PATH=$(CURDIR)/$(BIN):$$PATH $(CURDIR)/$(BIN)/pytest -p no:cacheprovider --timeout 1200 -m vm tests/vm $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/kpx bench --out bench/results
