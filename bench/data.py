@@ -50,6 +50,7 @@ def conn_rate(netns: str, ip: str, port: int, secs: float, procs: int = 2) -> fl
 
 
 def throughput(netns: str, ip: str, port: int, secs: float) -> float:
-    out = _run(netns, ["iperf3", "-c", ip, "-p", str(port), "-t", str(secs), "-J", "--connect-timeout", "5000"], timeout=secs + 30)
+    t = str(max(1, round(secs)))  # iperf3 -t takes whole seconds (0.5 read as 0: it never ends)
+    out = _run(netns, ["iperf3", "-c", ip, "-p", str(port), "-t", t, "-J", "--connect-timeout", "5000"], timeout=secs + 30)
     doc = json.loads(out)
     return float(doc["end"]["sum_received"]["bits_per_second"])
