@@ -69,7 +69,6 @@ $B mkdir -p /dev/pts /dev/shm
 $B mount -t devpts -o newinstance,ptmxmode=0666 devpts /dev/pts
 $B mount -t tmpfs shm /dev/shm
 $B mount -t tmpfs -o mode=755 run /run; $B mkdir -p /run/netns /run/lock
-$B mount -t tmpfs tmp /tmp
 $B mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 $B hostname kpx-vm; $B ip link set lo up
 RUN=$($B sed -n 's/.*kpxvm.run=\([^ ]*\).*/\1/p' /proc/cmdline)
