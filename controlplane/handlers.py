@@ -234,7 +234,10 @@ def _warn_headers(opts: WriteOptions) -> CIMultiDict[str] | None:
         return None
     h: CIMultiDict[str] = CIMultiDict()
     for w in opts.warnings:
-        h.add("Warning", '299 - "' + w.replace("\\", "\\\\").replace('"', '\\"') + '"')
+        text = w.replace("\\", "\\\\").replace('"', '\\"')
+        # a field name from the request may hold control characters: never put them in a header
+        text = "".join(c if " " <= c <= "~" else f"\\u{ord(c):04x}" for c in text)
+        h.add("Warning", '299 - "' + text + '"')
     return h
 
 

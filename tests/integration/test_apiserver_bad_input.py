@@ -187,3 +187,15 @@ def test_server_still_up(apiserver: Any) -> None:
     assert apiserver.get("/healthz") == b"ok"
     assert apiserver.proc.poll() is None
     assert "Traceback" not in apiserver.log()
+
+
+def test_unknown_field_with_control_characters_warns_safely(apiserver: Any, ns: str) -> None:
+    """fieldValidation=Warn names unknown fields in Warning headers: a field name holding control
+    characters is escaped there (it once made the server drop the connection)."""
+    p = f"/api/v1/namespaces/{ns}/services"
+    assert call(apiserver, "POST", p, svc("ctl"))[0] == 201
+    code, doc, hdrs = call(apiserver, "PATCH", f"{p}/ctl?fieldValidation=Warn",
+                           raw=b'{"metadata": {"\\u001f": null, "\\u00e9": 1}}', ctype="application/merge-patch+json")
+    assert code == 200, doc
+    warning = " ".join(v for k, v in hdrs.items() if k.lower() == "warning")
+    assert "\\u001f" in warning and "\x1f" not in warning
