@@ -24,6 +24,7 @@ from proxy.model import Endpoint, ProxyConfig, ProxyState, ServicePort, ServiceP
 from proxy.modes.userspace import UserspaceMode
 from proxy.userspace.portals import UserspacePrior
 from tests.integration.lab_fixtures import unique_pod
+from tests.integration.test_iptables_packets import Pod, answer
 
 pytestmark = pytest.mark.netns
 SERVICE_CIDR = "10.96.0.0/12"
@@ -127,19 +128,6 @@ def run_in(prefix: list[str], script: str, *args: object, timeout: float = 120) 
 
 def probe(prefix: list[str], proto: str, ip: str, port: int, n: int = 1, timeout: float = 5.0) -> list[str]:
     return run_in(prefix, PROBE, proto, ip, port, n, timeout, timeout=60 + n * timeout)
-
-
-def answer(line: str) -> dict[str, str]:
-    assert not line.startswith("ERR"), line
-    return dict(kv.split("=", 1) for kv in line.split())
-
-
-@dataclass
-class Pod:
-    name: str
-    node: int
-    ip: str
-    prefix: list[str]
 
 
 @dataclass
